@@ -1,0 +1,1 @@
+"""Shared vocabulary of sdq: settings, the job model, tiers, the job store, storage, keys."""

@@ -1,0 +1,80 @@
+"""The error hierarchy of sdq. The HTTP layer maps these to status codes in one place."""
+
+from __future__ import annotations
+
+
+class SdqError(Exception):
+    """Base of every error sdq raises on purpose."""
+
+    status_code = 500
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, **details: object) -> None:
+        self.message = message or self.message
+        #: Extra fields for the error body (a job id, the credits left).
+        self.details = details
+        super().__init__(self.message)
+
+
+class InvalidRequest(SdqError, ValueError):
+    status_code = 400
+    message = "invalid request"
+
+
+class AuthError(SdqError):
+    """No credentials at all (401)."""
+
+    status_code = 401
+    message = "missing API key: send it in the Authorization header"
+
+
+class Forbidden(AuthError):
+    """Credentials that do not match a key (403)."""
+
+    status_code = 403
+    message = "invalid API key"
+
+
+class NotFound(SdqError, LookupError):
+    status_code = 404
+    message = "not found"
+
+
+class Conflict(SdqError):
+    status_code = 409
+    message = "conflict"
+
+
+class InsufficientCredits(SdqError):
+    status_code = 429
+    message = "not enough credits"
+
+
+class StorageError(SdqError, OSError):
+    status_code = 503
+    message = "object storage unavailable"
+
+
+class QueueUnavailable(SdqError):
+    status_code = 503
+    message = "the job queue is unavailable; nothing was charged"
+
+
+class ModelLoadError(SdqError, RuntimeError):
+    message = "the model could not be loaded"
+
+
+class HardwareMismatch(SdqError, RuntimeError):
+    """A worker was asked to serve a tier its device does not qualify for."""
+
+    message = "this device cannot serve the tier"
+
+
+class RemoteApiError(SdqError):
+    status_code = 502
+    message = "the remote API failed"
+
+
+class JobTimeout(SdqError, TimeoutError):
+    status_code = 504
+    message = "the job did not finish within the wait limit"

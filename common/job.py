@@ -1,0 +1,111 @@
+"""The job: its request, its status, its results. One typed model, validated at the edge."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+OutputFormat = Literal["jpeg", "png", "webp"]
+MAX_SEED = 2**32 - 1
+
+CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class JobRequest(BaseModel):
+    """What a client asks for. Limits that depend on the tier are checked by the tier."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    tier: str = "normal"
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    steps: int | None = Field(None, ge=1, le=200, description="Defaults to the tier's steps.")
+    width: int | None = Field(
+        None, ge=64, le=4096, description="Multiple of 8; defaults to the model's native size."
+    )
+    height: int | None = Field(None, ge=64, le=4096)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted.")
+    num_images: int = Field(1, ge=1, le=8)
+    output_format: OutputFormat = "jpeg"
+    webhook_url: str | None = Field(None, max_length=2048)
+    webhook_events: list[str] | None = None
+    priority: int = Field(5, ge=0, le=9)
+    allow_remote: bool = True
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_eight(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class ImageResult(BaseModel):
+    """One stored image of a finished job."""
+
+    index: int
+    key: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    seed: int
+    width: int
+    height: int
+    url: str | None = None
+
+
+class Job(BaseModel):
+    """A job record as the job store keeps it and the API returns it."""
+
+    id: str
+    key_id: str
+    tier: str
+    status: JobStatus
+    request: JobRequest
+    seed: int
+    steps: int
+    cost: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    refunded: bool = False
+    backend: Literal["local", "remote"] | None = None
+    model: str | None = None
+    images: list[ImageResult] = Field(default_factory=list)
+    error: str | None = None
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,42 @@
+"""The broker contract both sides share: the Celery app's settings, queues and task names.
+
+The producer sends tasks by name through this app; the workers register the tasks on it. A
+job crosses the broker as its id only: the record lives in the job store.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from common.settings import Settings
+from common.tiers import Tiers
+
+GENERATE_TASK = "sdq.generate"
+
+
+def make_celery(settings: Settings, tiers: Tiers) -> Celery:
+    """A Celery app configured for sdq's reliability promises (see DESIGN.md)."""
+    app = Celery("sdq", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue(tier.queue, routing_key=tier.queue) for tier in tiers],
+        task_default_queue=tiers.get("normal").queue if "normal" in tiers.names else None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # At-least-once: ack after the task ran, requeue when the worker process died.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacked message after this long: it must exceed the longest
+        # job plus its wait in the worker, or a running job is executed twice.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_connection_retry_on_startup=True,
+        # The pipeline loads in worker_process_init; the parent must wait for it.
+        worker_proc_alive_timeout=settings.worker_proc_alive_timeout,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,92 @@
+"""The one settings object: every knob of sdq, read from ``SDQ_*`` variables and ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Secrets that ship as defaults so the local stack runs with no configuration. Production
+#: refuses to start with any of them.
+DEV_S3_SECRET = "sdq-dev-secret"
+
+
+class Settings(BaseSettings):
+    """Configuration of every sdq process (API, worker, CLI, local stack)."""
+
+    model_config = SettingsConfigDict(env_prefix="SDQ_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    home: Path = Field(Path(".sdq"), description="Local state: the embedded servers' data, pids.")
+
+    # Redis-compatible job store, and the Celery broker (defaults to the same server).
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    broker_url: str | None = None
+
+    # S3-compatible object storage.
+    storage_backend: Literal["s3", "local"] = "s3"
+    local_storage_dir: Path | None = None
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "sdq"
+    s3_region: str = "us-east-1"
+    s3_access_key: str = "sdq-dev"
+    s3_secret_key: SecretStr = SecretStr(DEV_S3_SECRET)
+    s3_prefix: str = "images"
+    presign_ttl_seconds: int = Field(3600, ge=60, le=7 * 86400)
+
+    # Model and tiers.
+    model: str | None = Field(
+        None, description="Model id or local directory; defaults to the tiny model under home."
+    )
+    tiers_file: Path | None = None
+    torch_compile: bool = False
+    #: Serve a tier on a device class it does not list. Logged loudly; for operators only.
+    hardware_override: bool = False
+
+    # Jobs.
+    job_ttl_seconds: int = Field(7 * 86400, ge=60)
+    sync_timeout_seconds: float = Field(300.0, gt=0)
+    max_deliveries: int = Field(3, ge=1)
+    visibility_timeout_seconds: int = Field(3600, ge=10)
+    worker_proc_alive_timeout: float = Field(300.0, gt=0)
+    worker_max_tasks_per_child: int | None = Field(None, ge=1)
+
+    # Network addresses of the local stack.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.env == "production" and self.s3_secret_key.get_secret_value() == DEV_S3_SECRET:
+            raise ValueError(
+                "SDQ_S3_SECRET_KEY is the development placeholder; set a real secret in production"
+            )
+        if self.storage_backend == "local" and self.local_storage_dir is None:
+            raise ValueError("SDQ_STORAGE_BACKEND=local needs SDQ_LOCAL_STORAGE_DIR")
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def model_path(self) -> str:
+        return self.model or str(self.tiny_model_dir)
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.home / "models" / "tiny-sdxl"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

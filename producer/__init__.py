@@ -1,0 +1,1 @@
+"""What clients touch: the HTTP API, the Python client, the CLI. Never imports torch."""

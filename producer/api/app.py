@@ -1,0 +1,41 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from common.settings import Settings, get_settings
+from producer.api import errors, health, hotpot, v1
+from producer.api.state import AppState
+
+DESCRIPTION = """
+Self-hosted Stable Diffusion XL. Two APIs:
+
+* **Hotpot-compatible** `POST /stable-diffusion-{budget,normal,premium}`: multipart fields
+  `inputText`, `guidanceScale` and friends, header `Authorization: <key>`; answers with the
+  image bytes and `X-API-Credits-Left`.
+* **Async JSON** under `/v1`: submit a job, then poll it for presigned image URLs.
+
+Errors are `{"code": N, "message": "..."}` with the HTTP status N.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = AppState.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.aioredis.aclose()
+
+    app = FastAPI(title="sdq", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.sdq = state
+    errors.install(app)
+    app.include_router(hotpot.router_for(state.tiers))
+    app.include_router(v1.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,32 @@
+"""Request dependencies: the app state and the caller's API key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from common.keys import ApiKey
+from producer.api.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.sdq
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def authenticate(
+    state: State,
+    authorization: Annotated[
+        str | None,
+        Header(description="Your API key, bare as Hotpot sends it, or as `Bearer <key>`."),
+    ] = None,
+) -> ApiKey:
+    """The key in the Authorization header: 401 when missing, 403 when unknown."""
+    return state.keys.authenticate(authorization)
+
+
+Key = Annotated[ApiKey, Depends(authenticate)]

@@ -1,0 +1,152 @@
+"""Hotpot.ai's Stable Diffusion API, drop-in: ``POST /stable-diffusion-{tier}``.
+
+The seed's Python example sends its fields with ``requests.post(files=...)``, so each field
+arrives as a multipart *file* part; plain form fields and url-encoded bodies work too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from common.errors import InvalidRequest, SdqError
+from common.job import JobRequest, JobStatus
+from common.tiers import Tiers
+from producer.api.deps import Key, State
+from producer.api.errors import describe
+from producer.waiter import wait_for_end
+
+#: Hotpot's field names -> sdq's.
+FIELDS = {
+    "inputText": "prompt",
+    "guidanceScale": "guidance_scale",
+    "negativePrompt": "negative_prompt",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "outputFormat": "output_format",
+}
+_HOTPOT_NAMES = {ours: theirs for theirs, ours in FIELDS.items()}
+_FORMATS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
+
+_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputText"],
+    "properties": {
+        "inputText": {"type": "string", "description": "The prompt."},
+        "guidanceScale": {"type": "number", "default": 7.5, "minimum": 0, "maximum": 30},
+        "negativePrompt": {"type": "string"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
+        "width": {"type": "integer", "description": "Multiple of 8; the model's size if omitted"},
+        "height": {"type": "integer", "description": "Multiple of 8; the model's size if omitted"},
+        "steps": {"type": "integer", "description": "Defaults to the tier's steps."},
+        "outputFormat": {"type": "string", "enum": ["jpeg", "jpg", "png", "webp"]},
+    },
+}
+_ERROR = {"content": {"application/json": {"example": {"code": 400, "message": "..."}}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
+        "description": "The image; `X-API-Credits-Left` tells the credits left.",
+    },
+    **{code: _ERROR for code in (400, 401, 403, 404, 429, 500, 504)},
+}
+_OPENAPI_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _FORM_SCHEMA},
+            "application/x-www-form-urlencoded": {"schema": _FORM_SCHEMA},
+        },
+    }
+}
+
+
+async def read_fields(request: Request) -> dict[str, str]:
+    """The Hotpot fields of a multipart or url-encoded body, as text."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise InvalidRequest(
+            "send the fields as multipart/form-data or application/x-www-form-urlencoded"
+        )
+    fields: dict[str, str] = {}
+    async with request.form() as form:
+        for name, value in form.multi_items():
+            if name not in FIELDS:
+                continue  # Hotpot clients may send options sdq does not have.
+            if isinstance(value, UploadFile):
+                raw = await value.read()
+                try:
+                    fields[name] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidRequest(f"{name}: must be UTF-8 text") from None
+            else:
+                fields[name] = value
+    return fields
+
+
+def to_request(tier: str, fields: dict[str, str]) -> JobRequest:
+    if not fields.get("inputText", "").strip():
+        raise InvalidRequest("inputText: is required")
+    data: dict[str, Any] = {FIELDS[name]: value for name, value in fields.items()}
+    if "output_format" in data:
+        fmt = data["output_format"].strip().lower()
+        if fmt not in _FORMATS:
+            raise InvalidRequest("outputFormat: must be one of jpeg, png, webp")
+        data["output_format"] = _FORMATS[fmt]
+    try:
+        return JobRequest.model_validate({**data, "tier": tier})
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc, _HOTPOT_NAMES)) from None
+
+
+def _endpoint(tier: str) -> Any:
+    async def generate(request: Request, state: State, key: Key) -> Response:
+        job_request = to_request(tier, await read_fields(request))
+        job, _ = await run_in_threadpool(state.jobs.submit, key, job_request)
+        timeout = state.settings.sync_timeout_seconds
+        job = await wait_for_end(state.aioredis, state.store, job.id, timeout)
+        credits = await run_in_threadpool(state.keys.credits, key.id)
+        if job.status is not JobStatus.SUCCEEDED:
+            reason = job.error or f"the job was {job.status.value}"
+            raise SdqError(f"generation failed: {reason}", job_id=job.id, credits_left=credits)
+        image = job.images[0]
+        blob = await run_in_threadpool(state.storage.get, image.key)
+        return Response(
+            content=blob.body,
+            media_type=image.content_type,
+            headers={
+                "X-API-Credits-Left": str(credits),
+                "X-Job-Id": job.id,
+                "X-Seed": str(image.seed),
+            },
+        )
+
+    return generate
+
+
+def router_for(tiers: Tiers) -> APIRouter:
+    """One ``POST /stable-diffusion-<tier>`` per tier; any other path is a plain 404."""
+    router = APIRouter(tags=["Hotpot-compatible"])
+    for tier in tiers:
+        router.add_api_route(
+            f"/stable-diffusion-{tier.name}",
+            _endpoint(tier.name),
+            methods=["POST"],
+            name=f"stable_diffusion_{tier.name}",
+            summary=f"Generate an image on the {tier.name} tier (Hotpot-compatible, synchronous)",
+            description=(
+                f"{tier.description} {tier.price} credit(s) per image. Queues a job, waits for "
+                "it and answers with the image bytes. A job that outlives the wait limit "
+                "answers 504 with its `job_id`; fetch it later from `GET /v1/jobs/{id}`."
+            ),
+            response_class=Response,
+            responses=_RESPONSES,
+            openapi_extra=_OPENAPI_BODY,
+        )
+    return router

@@ -1,0 +1,46 @@
+"""What every request handler needs, made once per app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from celery import Celery
+
+from common.keys import KeyStore
+from common.queue import make_celery
+from common.redis import connect
+from common.settings import Settings
+from common.storage import Storage, make_storage
+from common.store import JobStore
+from common.tiers import Tiers, load_tiers
+from producer.jobs import JobService
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    tiers: Tiers
+    store: JobStore
+    keys: KeyStore
+    storage: Storage
+    celery: Celery
+    jobs: JobService
+    aioredis: aioredis.Redis
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppState:
+        tiers = load_tiers(settings.tiers_file)
+        client = connect(settings.redis_url)
+        store = JobStore(client, finished_ttl=settings.job_ttl_seconds)
+        celery = make_celery(settings, tiers)
+        return cls(
+            settings=settings,
+            tiers=tiers,
+            store=store,
+            keys=KeyStore(client),
+            storage=make_storage(settings),
+            celery=celery,
+            jobs=JobService(store, tiers, celery),
+            aioredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True),
+        )

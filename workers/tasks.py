@@ -1,0 +1,54 @@
+"""Celery tasks: thin wrappers that decode the job id and call ``workers.execute``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from common.errors import ModelLoadError
+from common.queue import GENERATE_TASK
+from common.redis import connect
+from common.settings import get_settings
+from common.storage import make_storage
+from common.store import JobStore
+from workers.celery_app import app
+from workers.execute import WorkerContext, execute
+from workers.pipeline import SdxlRunner
+
+log = logging.getLogger(__name__)
+
+_context: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    """This process's store, storage and runner, made once."""
+    global _context
+    if _context is None:
+        settings = get_settings()
+        _context = WorkerContext(
+            settings=settings,
+            store=JobStore(connect(settings.redis_url), finished_ttl=settings.job_ttl_seconds),
+            storage=make_storage(settings),
+            runner=SdxlRunner(settings.model_path, compile=settings.torch_compile),
+        )
+    return _context
+
+
+@worker_process_init.connect
+def load_model(**_: Any) -> None:
+    """Load the pipeline in each pool child, after the fork (CUDA does not survive fork)."""
+    runner = context().runner
+    if isinstance(runner, SdxlRunner):
+        try:
+            runner.load()
+        except ModelLoadError as exc:
+            # Jobs will fail with this message (and be refunded) until the model is fixed.
+            log.error("%s", exc.message)
+
+
+@app.task(name=GENERATE_TASK, ignore_result=True)
+def generate(job_id: str) -> str:
+    """Run one job; the message carries its id only."""
+    return execute(context(), job_id).value

@@ -73,11 +73,7 @@ class S3Storage:
         # Presigned URLs carry the host in their signature, so they are signed for the
         # address clients use when it differs from the one workers use.
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
-        self.presigner = (
-            self.client
-            if public == settings.s3_endpoint_url
-            else client(public)
-        )
+        self.presigner = self.client if public == settings.s3_endpoint_url else client(public)
 
     def ensure_bucket(self) -> None:
         try:

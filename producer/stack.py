@@ -29,8 +29,6 @@ from producer.servers import WeedPorts, valkey_argv, weed_argv
 
 log = logging.getLogger(__name__)
 
-WEED_PORTS = WeedPorts(s3=8333, master=19333, volume=18080, filer=18888)
-
 
 class StackError(RuntimeError):
     pass
@@ -47,6 +45,18 @@ class Service:
 
 def _port(url: str, default: int) -> int:
     return urlparse(url).port or default
+
+
+def _loopback(url: str) -> bool:
+    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def _redis_ready(url: str) -> Callable[[], bool]:
@@ -105,10 +115,14 @@ class Stack:
         self.home = settings.home.resolve()
         self.logs = self.home / "logs"
         self.state_file = self.home / "stack.json"
-        # Settings that name an external Redis or S3 make sdq use those instead.
-        self.embedded_redis = "redis_url" not in settings.model_fields_set
+        # A Redis or S3 that already answers is used as it is; one on loopback that does not
+        # answer is started here, embedded. A remote one is never started.
+        self.embedded_redis = (
+            _loopback(settings.redis_url) and not _redis_ready(settings.redis_url)()
+        )
+        endpoint = settings.s3_endpoint_url or ""
         self.embedded_s3 = (
-            settings.storage_backend == "s3" and "s3_endpoint_url" not in settings.model_fields_set
+            settings.storage_backend == "s3" and _loopback(endpoint) and not _answers(endpoint)
         )
 
     def services(self) -> list[list[Service]]:
@@ -122,7 +136,7 @@ class Stack:
             servers.append(Service("valkey", argv, _redis_ready(s.redis_url)))
         if self.embedded_s3:
             argv = weed_argv(
-                WEED_PORTS,
+                WeedPorts.around(_port(s.s3_endpoint_url or "", 8333)),
                 self._dir("seaweedfs"),
                 s.s3_access_key,
                 s.s3_secret_key.get_secret_value(),
@@ -229,12 +243,18 @@ class Stack:
         for name, pid in reversed(list(pids.items())):
             _signal_group(pid, signal.SIGTERM)
             log.debug("sent SIGTERM to %s (%d)", name, pid)
+        # SeaweedFS's filer waits 15s for its gRPC streams to drain before it exits.
         deadline = time.monotonic() + grace
         for pid in pids.values():
             while _group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if _group_alive(pid):
+                log.warning("process group %d ignored SIGTERM; killing it", pid)
                 _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        for pid in pids.values():
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         for service in services or []:
             if service.process is not None:
                 service.process.wait()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from common.errors import HardwareMismatch
+from common.errors import HardwareMismatch, InvalidRequest
 from common.settings import get_settings
 from common.tiers import load_tiers
 from workers.device import check_tier, detect
@@ -17,9 +17,9 @@ def run_worker(tier_names: list[str], *, concurrency: int = 1, loglevel: str = "
     """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one."""
     settings = get_settings()
     tiers = load_tiers(settings.tiers_file)
-    selected = [tiers.get(name) for name in tier_names]
     device = detect()
     try:
+        selected = [tiers.get(name) for name in tier_names]
         for tier in selected:
             check_tier(
                 device,
@@ -27,7 +27,7 @@ def run_worker(tier_names: list[str], *, concurrency: int = 1, loglevel: str = "
                 development=settings.env == "development",
                 override=settings.hardware_override,
             )
-    except HardwareMismatch as exc:
+    except (HardwareMismatch, InvalidRequest) as exc:
         print(f"sdq worker: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
     log.info("device: %s; serving %s", device.describe(), ", ".join(tier_names))

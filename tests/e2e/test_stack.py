@@ -1,0 +1,74 @@
+"""``sdq up --detach`` then ``sdq down``: the whole embedded stack, on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from common.settings import Settings
+from common.storage import S3Storage
+from producer.servers import free_port
+
+SDQ = [sys.executable, "-m", "producer.cli"]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_the_seed_request_and_down_leaves_nothing(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
+    api_port, s3_port = free_port(), free_port()
+    env = {
+        **base,
+        "SDQ_HOME": str(tmp_path / "home"),
+        "SDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "SDQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "SDQ_API_PORT": str(api_port),
+        "SDQ_FLOWER_PORT": str(free_port()),
+        "SDQ_MODEL": str(tiny_model),
+    }
+    up = subprocess.run(
+        [*SDQ, "up", "--detach"], env=env, capture_output=True, text=True, timeout=240
+    )
+    pids: dict[str, int] = {}
+    try:
+        assert up.returncode == 0, up.stderr
+        state = tmp_path / "home" / "stack.json"
+        pids = json.loads(state.read_text())
+        workers = {"worker-budget", "worker-normal", "worker-premium"}
+        assert set(pids) == {"valkey", "seaweedfs", "api", "flower", *workers}
+        key = re.search(r"API key\s+(sdq_\S+)", up.stderr)
+        assert key, up.stderr
+        response = httpx.post(
+            f"http://127.0.0.1:{api_port}/stable-diffusion-normal",
+            headers={"Authorization": key.group(1)},
+            files={
+                "inputText": (None, "An astronaut riding a horse on Mars"),
+                "guidanceScale": (None, "10"),
+            },
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.content[:2] == b"\xff\xd8"
+        settings = Settings(_env_file=None, s3_endpoint_url=f"http://127.0.0.1:{s3_port}")  # type: ignore[call-arg]
+        job_id = response.headers["x-job-id"]
+        assert S3Storage(settings).get(f"images/{job_id}/0.jpg").body == response.content
+        assert (tmp_path / "home" / "valkey" / "appendonlydir").is_dir()  # AOF on
+    finally:
+        down = subprocess.run([*SDQ, "down"], env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert "stopped: valkey" in down.stderr
+    assert [name for name, pid in pids.items() if group_alive(pid)] == []

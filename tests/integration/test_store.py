@@ -1,0 +1,179 @@
+"""The job store and key store against a real Valkey."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from common.errors import AuthError, Forbidden, InsufficientCredits
+from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
+from common.keys import ApiKey, KeyStore
+from common.store import JobStore, events_key, job_key
+
+
+@pytest.fixture
+def account(keys: KeyStore) -> Callable[[int], ApiKey]:
+    def make(credits: int) -> ApiKey:
+        return keys.create(credits)[1]
+
+    return make
+
+
+def make_job(key: ApiKey, cost: int = 2) -> Job:
+    return Job(
+        id=new_job_id(),
+        key_id=key.id,
+        tier="normal",
+        status=JobStatus.QUEUED,
+        request=JobRequest(prompt="a red fox"),
+        seed=7,
+        steps=4,
+        cost=cost,
+        created_at=now(),
+    )
+
+
+def test_create_debits_and_records(store: JobStore, keys: KeyStore, account) -> None:
+    key = account(10)
+    job = make_job(key, cost=4)
+    assert store.create(job) == 6
+    assert keys.credits(key.id) == 6
+    stored = store.get(job.id)
+    assert stored.status is JobStatus.QUEUED and stored.request.prompt == "a red fox"
+    assert [e["type"] for e in store.events(job.id)] == ["job.queued"]
+
+
+def test_insufficient_credits_changes_nothing(
+    store: JobStore, keys: KeyStore, rclient, account
+) -> None:
+    key = account(3)
+    job = make_job(key, cost=4)
+    with pytest.raises(InsufficientCredits, match="this job costs 4, the key has 3"):
+        store.create(job)
+    assert keys.credits(key.id) == 3
+    assert not rclient.exists(job_key(job.id))
+    assert not rclient.exists(events_key(job.id))
+
+
+def test_the_happy_path_logs_every_transition(store: JobStore, account) -> None:
+    job = make_job(account(5))
+    store.create(job)
+    assert store.start(job).applied
+    image = ImageResult(
+        index=0,
+        key="k",
+        content_type="image/jpeg",
+        size_bytes=1,
+        sha256="0" * 64,
+        seed=7,
+        width=64,
+        height=64,
+    )
+    assert store.succeed(job, [image], backend="local", model="tiny").applied
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.backend == "local"
+    assert done.images[0].key == "k" and done.started_at and done.finished_at
+    assert [e["type"] for e in store.events(job.id)] == [
+        "job.queued",
+        "job.started",
+        "job.succeeded",
+    ]
+
+
+def test_terminal_states_are_final(store: JobStore, keys: KeyStore, account) -> None:
+    key = account(5)
+    job = make_job(key)
+    store.create(job)
+    store.start(job)
+    store.succeed(job, [], backend="local", model="tiny")
+    for attempt in (store.start, store.cancel, lambda j: store.fail(j, "late")):
+        outcome = attempt(job)
+        assert not outcome.applied and outcome.current is JobStatus.SUCCEEDED
+    assert store.get(job.id).status is JobStatus.SUCCEEDED
+    assert keys.credits(key.id) == 3  # no refund of a succeeded job
+    assert len(store.events(job.id)) == 3
+
+
+def test_a_queued_job_cannot_succeed_without_running(store: JobStore, account) -> None:
+    job = make_job(account(5))
+    store.create(job)
+    outcome = store.succeed(job, [], backend="local", model="tiny")
+    assert not outcome.applied and outcome.current is JobStatus.QUEUED
+
+
+def test_failure_refunds_exactly_once(store: JobStore, keys: KeyStore, account) -> None:
+    key = account(5)
+    job = make_job(key, cost=2)
+    store.create(job)
+    store.start(job)
+    first = store.fail(job, "out of memory")
+    assert first.applied and first.credits == 5
+    assert not store.fail(job, "again").applied
+    assert keys.credits(key.id) == 5
+    failed = store.get(job.id)
+    assert failed.refunded and failed.error == "out of memory"
+
+
+def test_concurrent_cancels_refund_once(store: JobStore, keys: KeyStore, account) -> None:
+    key = account(10)
+    job = make_job(key, cost=3)
+    store.create(job)
+    barrier = threading.Barrier(16)
+    applied: list[bool] = []
+
+    def cancel() -> None:
+        barrier.wait()
+        applied.append(store.cancel(job).applied)
+
+    threads = [threading.Thread(target=cancel) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert applied.count(True) == 1
+    assert keys.credits(key.id) == 10
+
+
+def test_redelivery_counts_attempts(store: JobStore, account) -> None:
+    job = make_job(account(5))
+    store.create(job)
+    assert store.start(job).attempts == 1
+    assert store.start(job).attempts == 2  # the worker died; the broker redelivered
+    assert store.get(job.id).attempts == 2
+
+
+def test_finished_jobs_expire(rclient: redis.Redis, account) -> None:
+    store = JobStore(rclient, finished_ttl=120)
+    job = make_job(account(5))
+    store.create(job)
+    assert rclient.ttl(job_key(job.id)) == -1
+    store.cancel(job)
+    assert 0 < rclient.ttl(job_key(job.id)) <= 120
+    assert 0 < rclient.ttl(events_key(job.id)) <= 120
+
+
+def test_keys_are_stored_hashed(keys: KeyStore, rclient: redis.Redis) -> None:
+    raw, record = keys.create(5, name="hashed")
+    dump = []
+    for name in rclient.scan_iter("sdq:apikey*"):
+        kind = rclient.type(name)
+        if kind == "hash":
+            dump += list(rclient.hgetall(name).values())
+        elif kind == "string":
+            dump.append(rclient.get(name))
+    assert dump and all(raw not in str(value) for value in dump)
+    assert keys.authenticate(raw).id == record.id
+    assert keys.authenticate(f"Bearer {raw}").id == record.id
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [(None, AuthError), ("", AuthError), ("Bearer ", AuthError), ("sdq_not-a-key", Forbidden)],
+)
+def test_bad_credentials(keys: KeyStore, header: str | None, error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        keys.authenticate(header)
+    assert type(info.value) is error

@@ -1,0 +1,23 @@
+import pytest
+from pydantic import ValidationError
+
+from common.settings import Settings
+
+
+def test_production_refuses_the_development_secret() -> None:
+    with pytest.raises(ValidationError, match="development placeholder"):
+        Settings(_env_file=None, env="production")  # type: ignore[call-arg]
+    Settings(_env_file=None, env="production", s3_secret_key="a-real-secret")  # type: ignore[call-arg]
+
+
+def test_broker_defaults_to_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDQ_REDIS_URL", "redis://store:6379/1")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.effective_broker_url == "redis://store:6379/1"
+    monkeypatch.setenv("SDQ_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    assert Settings(_env_file=None).effective_broker_url.startswith("amqp://")  # type: ignore[call-arg]
+
+
+def test_local_storage_needs_a_directory() -> None:
+    with pytest.raises(ValidationError, match="SDQ_LOCAL_STORAGE_DIR"):
+        Settings(_env_file=None, storage_backend="local")  # type: ignore[call-arg]

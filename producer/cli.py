@@ -43,6 +43,8 @@ def _logging() -> None:
         level=get_settings().log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per health probe of `sdq up` is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -85,7 +87,8 @@ def up(
         f"  logs     {stack.logs}\n"
         f"  API key  {key}  ({credits} credits)\n\n"
         f"  curl -H 'Authorization: {key}' -F 'inputText=An astronaut riding a horse on Mars' \\\n"
-        f"       -F 'guidanceScale=10' -o astronaut_on_mars.jpg {api}/stable-diffusion-normal\n"
+        f"       -F 'guidanceScale=10' -o astronaut_on_mars.jpg {api}/stable-diffusion-normal\n",
+        soft_wrap=True,
     )
     if detach:
         err.print("detached; stop it with `sdq down`")

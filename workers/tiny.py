@@ -54,13 +54,17 @@ def build_tiny(out_dir: Path) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
+    from diffusers.utils import logging as diffusers_logging
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
         CLIPTokenizer,
     )
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     torch.manual_seed(BUILD_SEED)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file, vocab_size = _write_tokenizer_files(Path(tmp))

@@ -31,6 +31,19 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
+#: The event each status change emits, on SSE and to webhooks.
+EVENT_TYPES = {
+    JobStatus.QUEUED: "job.queued",
+    JobStatus.RUNNING: "job.started",
+    JobStatus.SUCCEEDED: "job.succeeded",
+    JobStatus.FAILED: "job.failed",
+    JobStatus.CANCELED: "job.canceled",
+}
+PROGRESS = "job.progress"
+ALL_EVENTS = [*EVENT_TYPES.values(), PROGRESS]
+#: What a webhook receives when the job names no ``webhook_events``: every status change.
+DEFAULT_WEBHOOK_EVENTS = list(EVENT_TYPES.values())
+
 
 class JobRequest(BaseModel):
     """What a client asks for. Limits that depend on the tier are checked by the tier."""
@@ -49,11 +62,25 @@ class JobRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted.")
     num_images: int = Field(1, ge=1, le=8)
     output_format: OutputFormat = "jpeg"
-    webhook_url: str | None = Field(None, max_length=2048)
-    webhook_events: list[str] | None = None
-    priority: int = Field(5, ge=0, le=9)
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="Receives signed Standard Webhooks events."
+    )
+    webhook_events: list[str] | None = Field(
+        None, description="Events to send (default: every status change, no progress)."
+    )
+    priority: int = Field(5, ge=0, le=9, description="9 runs first within a tier.")
     allow_remote: bool = True
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _known_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            unknown = sorted(set(value) - set(ALL_EVENTS))
+            if unknown:
+                raise ValueError(f"unknown events {unknown}; choose from {ALL_EVENTS}")
+            return list(dict.fromkeys(value))
+        return value
 
     @field_validator("width", "height")
     @classmethod
@@ -97,6 +124,8 @@ class Job(BaseModel):
     model: str | None = None
     images: list[ImageResult] = Field(default_factory=list)
     error: str | None = None
+    progress: dict[str, int] | None = None
+    batch_id: str | None = None
 
 
 def new_job_id() -> str:

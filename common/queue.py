@@ -13,13 +13,30 @@ from common.settings import Settings
 from common.tiers import Tiers
 
 GENERATE_TASK = "sdq.generate"
+MAX_PRIORITY = 9
+
+
+def is_amqp(broker_url: str) -> bool:
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def broker_priority(priority: int, broker_url: str) -> int:
+    """sdq's priority (9 runs first) as the broker counts it: RabbitMQ serves the highest
+    number first, Celery's Redis transport the lowest."""
+    return priority if is_amqp(broker_url) else MAX_PRIORITY - priority
 
 
 def make_celery(settings: Settings, tiers: Tiers) -> Celery:
     """A Celery app configured for sdq's reliability promises (see DESIGN.md)."""
-    app = Celery("sdq", broker=settings.effective_broker_url, set_as_current=False)
+    broker = settings.effective_broker_url
+    amqp = is_amqp(broker)
+    queue_arguments = {"x-max-priority": MAX_PRIORITY} if amqp else None
+    app = Celery("sdq", broker=broker, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(tier.queue, routing_key=tier.queue) for tier in tiers],
+        task_queues=[
+            Queue(tier.queue, routing_key=tier.queue, queue_arguments=queue_arguments)
+            for tier in tiers
+        ],
         task_default_queue=tiers.get("normal").queue if "normal" in tiers.names else None,
         task_serializer="json",
         accept_content=["json"],
@@ -28,9 +45,16 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Redis redelivers an unacked message after this long: it must exceed the longest
-        # job plus its wait in the worker, or a running job is executed twice.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options={
+            # Redis redelivers an unacked message after this long: it must exceed the
+            # longest job plus its wait in the worker, or a running job runs twice.
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            # One list per priority, read highest first by every BRPOP: with prefetch 1 a
+            # worker's next job is the highest-priority one waiting (Redis transport only).
+            "priority_steps": list(range(MAX_PRIORITY + 1)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
         broker_connection_retry_on_startup=True,
         # The pipeline loads in worker_process_init; the parent must wait for it.
         worker_proc_alive_timeout=settings.worker_proc_alive_timeout,

@@ -55,6 +55,18 @@ class Settings(BaseSettings):
     worker_proc_alive_timeout: float = Field(300.0, gt=0)
     worker_max_tasks_per_child: int | None = Field(None, ge=1)
 
+    # Webhooks.
+    webhook_allow_loopback: bool = Field(
+        False, description="Allow 127.0.0.0/8 and ::1 receivers (local development, tests)."
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(6 * 3600.0, gt=0)
+    webhook_max_age_seconds: float = Field(86400.0, gt=0, description="Retry for this long.")
+    webhook_concurrency: int = Field(8, ge=1)
+    webhook_dispatcher: bool = Field(True, description="Run the dispatcher in the API process.")
+    idempotency_ttl_seconds: int = Field(86400, ge=60)
+
     # Network addresses of the local stack.
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -1,58 +1,187 @@
 """The job store on Redis: job records, compare-and-set transitions, an event log per job.
 
 A job is a Redis hash whose fields are the JSON-encoded top-level fields of ``Job``. Every
-change of status goes through one Lua script, so the check of the current status, the write,
-the refund, the event log entry and the notification happen atomically: terminal states are
-final and a refund is paid at most once, whatever races between workers, API and retries.
+change goes through a Lua script, so the check of the current status, the write, the refund,
+the event log entry, its notification and the webhook delivery it schedules happen in one
+atomic step: terminal states are final, a refund is paid at most once, and no event is
+logged without the webhook it owes (or the other way round).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from common.errors import Conflict, InsufficientCredits, NotFound
-from common.job import TERMINAL, ImageResult, Job, JobStatus, now
+from common.job import EVENT_TYPES, PROGRESS, TERMINAL, ImageResult, Job, JobStatus, now
 from common.keys import apikey_key
 
 log = logging.getLogger(__name__)
 
-# Debit the key and write the job in one step: no job without its charge, no charge without
-# its job. Returns {1, credits_left} or {0, credits} when the key cannot pay.
-_CREATE = """
+DUE_KEY = "sdq:webhooks:due"
+WAKE_KEY = "sdq:webhooks:wake"
+
+
+def job_key(job_id: str) -> str:
+    return f"sdq:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"sdq:job:{job_id}:events"
+
+
+def webhooks_key(job_id: str) -> str:
+    """The list of a job's webhook delivery ids."""
+    return f"sdq:job:{job_id}:webhooks"
+
+
+def delivery_key(delivery_id: str) -> str:
+    return f"sdq:webhook:{delivery_id}"
+
+
+def attempts_key(delivery_id: str) -> str:
+    return f"sdq:webhook:{delivery_id}:attempts"
+
+
+def events_channel(job_id: str) -> str:
+    """The pub/sub channel on which every event of a job is published as it happens."""
+    return f"sdq:events:{job_id}"
+
+
+def key_jobs_key(key_id: str) -> str:
+    return f"sdq:apikey:{key_id}:jobs"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"sdq:batch:{batch_id}"
+
+
+def idempotency_key(key_id: str, token: str) -> str:
+    return f"sdq:idem:{key_id}:{hashlib.sha256(token.encode()).hexdigest()}"
+
+
+def delivery_id(job_id: str, event: str, step: int | None = None) -> str:
+    """The ``webhook-id`` of one event of a job: stable across retries and redeliveries."""
+    suffix = event.removeprefix("job.") + ("" if step is None else f"_{step}")
+    return f"msg_{job_id.removeprefix('job_')}_{suffix}"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+# Shared Lua: the job as JSON (its hash values are JSON already), and the event step that
+# logs, publishes and, when the job asked for this event, schedules a webhook delivery.
+_LUA_EVENT = """
+local function snapshot(jobkey)
+  local flat = redis.call('HGETALL', jobkey)
+  local parts = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= 'key_id' then parts[#parts + 1] = '"' .. flat[i] .. '":' .. flat[i + 1] end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- Returns the logged event. `log` false: publish only (progress).
+local function emit(jobkey, eventskey, channel, etype, ts, did, now, dttl, log)
+  local body = '{"type":"' .. etype .. '","timestamp":"' .. ts .. '","data":'
+    .. snapshot(jobkey) .. '}'
+  local event = body
+  if log then
+    local seq = redis.call('RPUSH', eventskey, '')
+    event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+    redis.call('LSET', eventskey, seq - 1, event)
+  end
+  redis.call('PUBLISH', channel, event)
+  local req = cjson.decode(redis.call('HGET', jobkey, 'request'))
+  local url = req['webhook_url']
+  local wanted = req['webhook_events']
+  if type(url) == 'string' and type(wanted) == 'table' then
+    for _, name in ipairs(wanted) do
+      if name == etype then
+        local dkey = 'sdq:webhook:' .. did
+        redis.call('HSET', dkey, 'id', did,
+          'job_id', cjson.decode(redis.call('HGET', jobkey, 'id')),
+          'key_id', cjson.decode(redis.call('HGET', jobkey, 'key_id')), 'event', etype,
+          'url', url, 'body', body, 'state', 'pending', 'attempts', 0,
+          'first_at', now, 'next_at', now)
+        redis.call('EXPIRE', dkey, dttl)
+        redis.call('RPUSH', jobkey .. ':webhooks', did)
+        redis.call('ZADD', 'sdq:webhooks:due', now, did)
+        redis.call('LPUSH', 'sdq:webhooks:wake', did)
+        redis.call('LTRIM', 'sdq:webhooks:wake', 0, 99)
+      end
+    end
+  end
+  return event
+end
+"""
+
+# Debit the key once for every job and write them all, or nothing. KEYS: the key's hash,
+# its jobs index, the idempotency record, the batch record. ARGV: total cost, the request
+# digest ('' without an Idempotency-Key), idempotency TTL, timestamp, now, delivery TTL,
+# the batch's JSON ('' for none), n, then per job: id, created_at, fields as a JSON object,
+# queued-event delivery id. Returns {1, credits_left}, {0, credits} when the key cannot
+# pay, {2, record} when the Idempotency-Key was seen, {-1} for an unknown key.
+_CREATE = (
+    _LUA_EVENT
+    + """
+if ARGV[2] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {2, seen} end
+end
 local credits = redis.call('HGET', KEYS[1], 'credits')
 if not credits then return {-1, 0} end
 credits = tonumber(credits)
 local cost = tonumber(ARGV[1])
 if credits < cost then return {0, credits} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {-2, credits} end
 local left = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[4])
+local n = tonumber(ARGV[8])
+local ids = {}
+for j = 0, n - 1 do
+  local base = 9 + j * 4
+  local id, fields = ARGV[base], cjson.decode(ARGV[base + 2])
+  local jobkey = 'sdq:job:' .. id
+  for name, value in pairs(fields) do redis.call('HSET', jobkey, name, value) end
+  redis.call('ZADD', KEYS[2], ARGV[base + 1], id)
+  emit(jobkey, jobkey .. ':events', 'sdq:events:' .. id, 'job.queued', ARGV[4], ARGV[base + 3],
+       tonumber(ARGV[5]), tonumber(ARGV[6]), true)
+  ids[#ids + 1] = id
+end
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'EX', tonumber(ARGV[6]))
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. table.concat(ids, ','), 'EX', tonumber(ARGV[3]))
+end
 return {1, left}
 """
+)
 
-# Compare-and-set a job's status. ARGV: to, ttl, refund, count attempt, event, channel,
-# n, n allowed current statuses, then field/value pairs. Returns {1, attempts, credits}
-# on success (credits -1 when nothing was refunded), {0, current} when refused, {-1} when
-# the job does not exist.
-_TRANSITION = """
+# Compare-and-set a job's status. KEYS: job, events, key hash. ARGV: to, ttl, refund,
+# count attempt, event type, timestamp, channel, delivery id, now, delivery TTL, n, the
+# n allowed current statuses, then field/value pairs. Returns {1, attempts, credits}
+# (credits -1 when nothing was refunded), {0, current} when refused, {-1} when missing.
+_TRANSITION = (
+    _LUA_EVENT
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1} end
-local n = tonumber(ARGV[7])
+local n = tonumber(ARGV[11])
 local allowed = false
-for i = 8, 7 + n do
+for i = 12, 11 + n do
   if ARGV[i] == cur then allowed = true end
 end
 if not allowed then return {0, cur} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 8 + n, #ARGV, 2 do
+for i = 12 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -67,109 +196,183 @@ if ARGV[3] == '1' and redis.call('HGET', KEYS[1], 'refunded') ~= 'true' then
   end
   redis.call('HSET', KEYS[1], 'refunded', 'true')
 end
-redis.call('RPUSH', KEYS[2], ARGV[5])
+emit(KEYS[1], KEYS[2], ARGV[7], ARGV[5], ARGV[6], ARGV[8],
+     tonumber(ARGV[9]), tonumber(ARGV[10]), true)
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1] .. ':webhooks', ttl)
 end
-redis.call('PUBLISH', ARGV[6], ARGV[5])
 return {1, attempts, credits}
 """
+)
 
-EVENT_TYPES = {
-    JobStatus.QUEUED: "job.queued",
-    JobStatus.RUNNING: "job.started",
-    JobStatus.SUCCEEDED: "job.succeeded",
-    JobStatus.FAILED: "job.failed",
-    JobStatus.CANCELED: "job.canceled",
-}
-
-
-def job_key(job_id: str) -> str:
-    return f"sdq:job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"sdq:job:{job_id}:events"
-
-
-def events_channel(job_id: str) -> str:
-    """The pub/sub channel on which every event of a job is published as it is logged."""
-    return f"sdq:events:{job_id}"
+# Record one denoising step of a running job and tell whoever listens. Returns the job's
+# status, so the worker learns of a cancel in the same round trip.
+_PROGRESS = (
+    _LUA_EVENT
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return false end
+if cur ~= '"running"' then return cur end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+emit(KEYS[1], '', ARGV[3], 'job.progress', ARGV[2], ARGV[4],
+     tonumber(ARGV[5]), tonumber(ARGV[6]), false)
+return cur
+"""
+)
 
 
-def key_jobs_key(key_id: str) -> str:
-    return f"sdq:apikey:{key_id}:jobs"
-
-
-def _encode(fields: dict[str, Any]) -> list[str]:
-    flat: list[str] = []
-    for name, value in fields.items():
-        flat += [name, json.dumps(value)]
-    return flat
-
-
-def _event(status: JobStatus, **extra: Any) -> str:
-    return json.dumps({"type": EVENT_TYPES[status], "status": status.value, "at": now(), **extra})
-
-
+@dataclass
 class Transition:
     """The outcome of a compare-and-set: whether it applied and what it changed."""
 
-    def __init__(self, applied: bool, current: JobStatus, attempts: int = 0, credits: int = -1):
-        self.applied = applied
-        self.current = current
-        self.attempts = attempts
-        #: The key's credits after a refund made by this transition, or -1 when none was.
-        self.credits = credits
+    applied: bool
+    current: JobStatus
+    attempts: int = 0
+    #: The key's credits after a refund made by this transition, or -1 when none was.
+    credits: int = -1
+
+
+@dataclass
+class Created:
+    """Jobs written by ``create``: new ones, or those an earlier request with the same
+    Idempotency-Key created (``replayed``)."""
+
+    job_ids: list[str]
+    credits: int | None
+    replayed: bool = False
+
+
+def request_digest(payload: Any) -> str:
+    """A digest of a request body, for Idempotency-Key comparisons."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class JobStore:
     """Job records, state transitions and event logs on a Redis-compatible server."""
 
-    def __init__(self, client: redis.Redis, *, finished_ttl: int = 7 * 86400) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        finished_ttl: int = 7 * 86400,
+        idempotency_ttl: int = 86400,
+        delivery_ttl: int = 9 * 86400,
+    ) -> None:
         self.redis = client
         self.finished_ttl = finished_ttl
+        self.idempotency_ttl = idempotency_ttl
+        self.delivery_ttl = delivery_ttl
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
+        self._progress = client.register_script(_PROGRESS)
 
-    def create(self, job: Job) -> int:
-        """Debit the job's cost from its key and store it as queued; returns credits left."""
-        fields = job.model_dump(mode="json")
-        event = _event(JobStatus.QUEUED, job_id=job.id)
-        code, credits = self._create(
-            keys=[
-                apikey_key(job.key_id),
-                job_key(job.id),
-                key_jobs_key(job.key_id),
-                events_key(job.id),
-            ],
-            args=[
-                job.cost,
-                job.created_at,
-                job.id,
-                event,
-                events_channel(job.id),
-                *_encode(fields),
-            ],
-        )
+    def create(
+        self,
+        jobs: Sequence[Job],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        batch: dict[str, Any] | None = None,
+    ) -> Created:
+        """Debit the jobs' cost from their key and store them as queued, all or none.
+
+        ``idempotency`` is ``(token, request digest)``: a token seen before returns the jobs
+        it created, or raises ``Conflict`` when it came with another request.
+        """
+        key_id = jobs[0].key_id
+        token, digest = idempotency or ("", "")
+        args: list[Any] = [
+            sum(job.cost for job in jobs),
+            digest,
+            self.idempotency_ttl,
+            iso(jobs[0].created_at),
+            now(),
+            self.delivery_ttl,
+            json.dumps(batch) if batch else "",
+            len(jobs),
+        ]
+        for job in jobs:
+            fields = {
+                name: json.dumps(value) for name, value in job.model_dump(mode="json").items()
+            }
+            args += [job.id, job.created_at, json.dumps(fields), delivery_id(job.id, "job.queued")]
+        keys = [
+            apikey_key(key_id),
+            key_jobs_key(key_id),
+            idempotency_key(key_id, token) if token else "sdq:idem:none",
+            batch_key(batch["id"]) if batch else "sdq:batch:none",
+        ]
+        code, value = self._create(keys=keys, args=args)
         if code == -1:
-            raise NotFound(f"no API key {job.key_id}")
+            raise NotFound(f"no API key {key_id}")
         if code == 0:
+            cost = args[0]
             raise InsufficientCredits(
-                f"not enough credits: this job costs {job.cost}, the key has {credits}"
+                f"not enough credits: this request costs {cost}, the key has {value}"
             )
-        if code == -2:
-            raise Conflict(f"job {job.id} already exists")
-        log.info("job %s queued on tier %s, cost %d", job.id, job.tier, job.cost)
-        return int(credits)
+        if code == 2:
+            seen_digest, _, ids = str(value).partition(" ")
+            if seen_digest != digest:
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different request; "
+                    "use a new key for a new request"
+                )
+            return Created(ids.split(","), None, replayed=True)
+        for job in jobs:
+            log.info("job %s queued on tier %s, cost %d", job.id, job.tier, job.cost)
+        return Created([job.id for job in jobs], int(value))
 
     def get(self, job_id: str) -> Job:
         data = self.redis.hgetall(job_key(job_id))
         if not data:
             raise NotFound(f"no job {job_id}")
         return Job.model_validate({name: json.loads(value) for name, value in data.items()})
+
+    def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
+        """Several jobs in one round trip; ``None`` for those that expired."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(job_key(job_id))
+            rows = pipe.execute()
+        return [
+            Job.model_validate({k: json.loads(v) for k, v in row.items()}) if row else None
+            for row in rows
+        ]
+
+    def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "status")
+            rows = pipe.execute()
+        return [JobStatus(json.loads(row)) if row else None for row in rows]
+
+    def list_for_key(
+        self, key_id: str, *, limit: int, offset: int = 0, status: JobStatus | None = None
+    ) -> tuple[list[Job], int | None]:
+        """A key's jobs, newest first; returns a page and the offset of the next one."""
+        index = key_jobs_key(key_id)
+        found: list[Job] = []
+        position = offset
+        chunk = max(limit * 2, 50)
+        while len(found) < limit:
+            ids = [str(i) for i in self.redis.zrevrange(index, position, position + chunk - 1)]
+            if not ids:
+                return found, None
+            for job_id, job in zip(ids, self.get_many(ids), strict=True):
+                position += 1
+                if job is None:
+                    self.redis.zrem(index, job_id)  # expired: forget it
+                    position -= 1
+                    continue
+                if status is None or job.status is status:
+                    found.append(job)
+                    if len(found) == limit:
+                        break
+        more = self.redis.zcard(index) > position
+        return found, position if more else None
 
     def transition(
         self,
@@ -180,11 +383,15 @@ class JobStore:
         fields: dict[str, Any] | None = None,
         refund: bool = False,
         count_attempt: bool = False,
-        **event: Any,
     ) -> Transition:
         """Move ``job`` to ``to`` if its current status is one of ``allowed_from``."""
         allowed = [json.dumps(s.value) for s in allowed_from]
+        event = EVENT_TYPES[to]
         ttl = self.finished_ttl if to in TERMINAL else 0
+        flat: list[str] = []
+        for name, value in (fields or {}).items():
+            flat += [name, json.dumps(value)]
+        moment = now()
         result = self._transition(
             keys=[job_key(job.id), events_key(job.id), apikey_key(job.key_id)],
             args=[
@@ -192,11 +399,15 @@ class JobStore:
                 ttl,
                 int(refund),
                 int(count_attempt),
-                _event(to, job_id=job.id, **event),
+                event,
+                iso(moment),
                 events_channel(job.id),
+                delivery_id(job.id, event),
+                moment,
+                self.delivery_ttl,
                 len(allowed),
                 *allowed,
-                *_encode(fields or {}),
+                *flat,
             ],
         )
         if result[0] == -1:
@@ -241,10 +452,11 @@ class JobStore:
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
             fields={"finished_at": now(), "error": error},
             refund=True,
-            error=error,
         )
 
     def cancel(self, job: Job) -> Transition:
+        """Cancel a queued or running job and refund it, once. A running job stops at its
+        next denoising step, when the worker's ``progress`` call sees the new status."""
         return self.transition(
             job,
             JobStatus.CANCELED,
@@ -253,5 +465,22 @@ class JobStore:
             refund=True,
         )
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.redis.lrange(events_key(job_id), 0, -1)]
+    def progress(self, job: Job, step: int, total: int) -> JobStatus | None:
+        """Record a denoising step; returns the job's status (``None`` if it expired)."""
+        moment = now()
+        status = self._progress(
+            keys=[job_key(job.id)],
+            args=[
+                json.dumps({"step": step, "total": total}),
+                iso(moment),
+                events_channel(job.id),
+                delivery_id(job.id, PROGRESS, step),
+                moment,
+                self.delivery_ttl,
+            ],
+        )
+        return JobStatus(json.loads(status)) if status else None
+
+    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        """The logged events of a job, from sequence number ``after + 1`` on."""
+        return [json.loads(item) for item in self.redis.lrange(events_key(job_id), after, -1)]

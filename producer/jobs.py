@@ -1,30 +1,54 @@
-"""Submitting jobs: validate against the tier, debit and record atomically, enqueue."""
+"""Creating and canceling work: validate against the tier, debit and record atomically,
+enqueue by priority."""
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
+from dataclasses import dataclass
 
 from celery import Celery
 
-from common.errors import InvalidRequest, QueueUnavailable
-from common.job import Job, JobRequest, JobStatus, new_job_id, now, random_seed
+from common.errors import Conflict, NotFound, QueueUnavailable
+from common.job import (
+    DEFAULT_WEBHOOK_EVENTS,
+    Job,
+    JobRequest,
+    JobStatus,
+    new_job_id,
+    now,
+    random_seed,
+)
 from common.keys import ApiKey
-from common.queue import GENERATE_TASK
-from common.store import JobStore
+from common.netguard import check_url
+from common.queue import GENERATE_TASK, broker_priority
+from common.settings import Settings
+from common.store import JobStore, Transition, batch_key, request_digest
 from common.tiers import Tiers
 
 log = logging.getLogger(__name__)
 
 
-class JobService:
-    """The producer's one way to create work."""
+@dataclass
+class Submitted:
+    jobs: list[Job]
+    #: The key's credits after the debit; ``None`` when an Idempotency-Key replayed.
+    credits: int | None
+    replayed: bool = False
+    batch_id: str | None = None
 
-    def __init__(self, store: JobStore, tiers: Tiers, celery: Celery) -> None:
+
+class JobService:
+    """The producer's one way to create and cancel work."""
+
+    def __init__(self, settings: Settings, store: JobStore, tiers: Tiers, celery: Celery) -> None:
+        self.settings = settings
         self.store = store
         self.tiers = tiers
         self.celery = celery
 
-    def prepare(self, key: ApiKey, request: JobRequest) -> Job:
+    def prepare(self, key: ApiKey, request: JobRequest, batch_id: str | None = None) -> Job:
         """The job ``request`` would become, with tier defaults and limits applied."""
         tier = self.tiers.get(request.tier)
         steps = request.steps or tier.default_steps
@@ -32,7 +56,9 @@ class JobService:
             steps=steps, width=request.width, height=request.height, images=request.num_images
         )
         if request.webhook_url is not None:
-            raise InvalidRequest("webhook_url: webhook delivery is not available in this version")
+            check_url(request.webhook_url, allow_loopback=self.settings.webhook_allow_loopback)
+            if request.webhook_events is None:
+                request = request.model_copy(update={"webhook_events": DEFAULT_WEBHOOK_EVENTS})
         return Job(
             id=new_job_id(),
             key_id=key.id,
@@ -43,18 +69,83 @@ class JobService:
             steps=steps,
             cost=tier.cost(request.num_images),
             created_at=now(),
+            batch_id=batch_id,
         )
 
-    def submit(self, key: ApiKey, request: JobRequest) -> tuple[Job, int]:
-        """Charge, record and enqueue a job; returns it and the key's credits left."""
-        job = self.prepare(key, request)
-        credits = self.store.create(job)
-        try:
-            self.celery.send_task(
-                GENERATE_TASK, args=[job.id], queue=self.tiers.get(job.tier).queue
-            )
-        except Exception as exc:  # kombu raises several types when the broker is away
-            log.error("job %s: enqueue failed: %s", job.id, exc)
-            self.store.fail(job, "the job queue was unavailable")
-            raise QueueUnavailable(job_id=job.id) from exc
-        return job, credits
+    def submit(
+        self,
+        key: ApiKey,
+        requests: list[JobRequest],
+        *,
+        idempotency_key: str | None = None,
+        batch: bool = False,
+    ) -> Submitted:
+        """Charge, record and enqueue jobs, all or none.
+
+        With an ``idempotency_key``, the same key and body return the jobs the first request
+        made (and charge nothing); the same key with another body raises ``Conflict``.
+        """
+        batch_id = f"batch_{secrets.token_hex(12)}" if batch else None
+        jobs = [self.prepare(key, request, batch_id) for request in requests]
+        idempotency = None
+        if idempotency_key is not None:
+            body = [r.model_dump(mode="json") for r in requests]
+            idempotency = (idempotency_key, request_digest({"batch": batch, "jobs": body}))
+        record = None
+        if batch_id is not None:
+            record = {
+                "id": batch_id,
+                "key_id": key.id,
+                "job_ids": [job.id for job in jobs],
+                "created_at": jobs[0].created_at,
+            }
+        created = self.store.create(jobs, idempotency=idempotency, batch=record)
+        if created.replayed:
+            replayed = [job for job in self.store.get_many(created.job_ids) if job is not None]
+            if not replayed:
+                raise Conflict("the jobs of this Idempotency-Key have expired; use a new key")
+            return Submitted(replayed, None, replayed=True, batch_id=replayed[0].batch_id)
+        self._enqueue(jobs)
+        return Submitted(jobs, created.credits, batch_id=batch_id)
+
+    def _enqueue(self, jobs: list[Job]) -> None:
+        broker = self.settings.effective_broker_url
+        for index, job in enumerate(jobs):
+            try:
+                self.celery.send_task(
+                    GENERATE_TASK,
+                    args=[job.id],
+                    queue=self.tiers.get(job.tier).queue,
+                    priority=broker_priority(job.request.priority, broker),
+                )
+            except Exception as exc:  # kombu raises several types when the broker is away
+                log.error("job %s: enqueue failed: %s", job.id, exc)
+                for unsent in jobs[index:]:
+                    self.store.fail(unsent, "the job queue was unavailable")
+                raise QueueUnavailable(job_id=job.id) from exc
+
+    def cancel(self, key: ApiKey, job_id: str) -> Transition:
+        """Cancel a queued job at once, a running one at its next step; refunded once."""
+        job = self.owned(key, job_id)
+        outcome = self.store.cancel(job)
+        if not outcome.applied:
+            raise Conflict(f"job {job_id} is already {outcome.current.value}", job_id=job_id)
+        return outcome
+
+    def owned(self, key: ApiKey, job_id: str) -> Job:
+        """The job if this key owns it: another key's job is as absent as a missing one."""
+        job = self.store.get(job_id)
+        if job.key_id != key.id:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def batch(self, key: ApiKey, batch_id: str) -> tuple[dict[str, object], list[Job | None]]:
+        raw = self.store.redis.get(batch_key(batch_id))
+        if raw is None:
+            raise NotFound(f"no batch {batch_id}")
+        record: dict[str, object] = json.loads(raw)
+        if record["key_id"] != key.id:
+            raise NotFound(f"no batch {batch_id}")
+        job_ids = record["job_ids"]
+        assert isinstance(job_ids, list)
+        return record, self.store.get_many(job_ids)

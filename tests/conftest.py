@@ -23,6 +23,7 @@ from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
 from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv
+from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +126,10 @@ def env(workdir: Path, redis_url: str, s3_endpoint: str, tiny_model: Path) -> di
         "SDQ_S3_BUCKET": "sdq-test",
         "SDQ_MODEL": str(tiny_model),
         "SDQ_SYNC_TIMEOUT_SECONDS": "60",
+        "SDQ_WEBHOOK_ALLOW_LOOPBACK": "1",
+        "SDQ_WEBHOOK_RETRY_BASE_SECONDS": "0.4",
+        "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
+        "SDQ_WEBHOOK_TIMEOUT_SECONDS": "3",
         "SDQ_LOG_LEVEL": "INFO",
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
@@ -168,6 +173,13 @@ def new_key(keys: KeyStore) -> Callable[..., str]:
         return raw
 
     return make
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture(scope="session")

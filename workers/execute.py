@@ -24,6 +24,10 @@ from workers.pipeline import Generation, StepCallback
 log = logging.getLogger(__name__)
 
 
+class Canceled(Exception):
+    """Raised from the step callback when the job was canceled while it ran."""
+
+
 class Runner(Protocol):
     """Anything that turns a ``Generation`` into images: the local pipeline or a remote API."""
 
@@ -105,9 +109,19 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
     generation = generation_for(job)
+
+    def on_step(step: int, total: int) -> None:
+        # One round trip per step publishes progress and learns of a cancel.
+        status = ctx.store.progress(job, step, total)
+        if status is not JobStatus.RUNNING:
+            raise Canceled()
+
     try:
-        images = ctx.runner.generate(generation)
+        images = ctx.runner.generate(generation, on_step)
         results = upload(ctx, job, images, generation.seeds)
+    except Canceled:
+        log.info("job %s: canceled while running; stopped", job_id)
+        return JobStatus.CANCELED
     except SdqError as exc:
         log.error("job %s failed: %s", job_id, exc.message)
         ctx.store.fail(job, exc.message)

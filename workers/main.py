@@ -19,7 +19,8 @@ def run_worker(tier_names: list[str], *, concurrency: int = 1, loglevel: str = "
     tiers = load_tiers(settings.tiers_file)
     device = detect()
     try:
-        selected = [tiers.get(name) for name in tier_names]
+        # Most expensive first: a worker serving several tiers takes the dearest job waiting.
+        selected = sorted((tiers.get(name) for name in tier_names), key=lambda t: -t.price)
         for tier in selected:
             check_tier(
                 device,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from common.settings import Settings, get_settings
+from common.webhooks import Dispatcher
 from producer.api import errors, health, hotpot, v1
 from producer.api.state import AppState
 
@@ -29,7 +31,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        dispatcher = None
+        if settings.webhook_dispatcher:
+            # Webhooks go out from every API process; claims keep them from sending twice.
+            run = Dispatcher(state.store.redis, settings).run
+            dispatcher = threading.Thread(target=run, args=(stop,), name="webhooks", daemon=True)
+            dispatcher.start()
         yield
+        stop.set()
+        if dispatcher is not None:
+            dispatcher.join(timeout=settings.webhook_timeout_seconds + 5)
         await state.aioredis.aclose()
 
     app = FastAPI(title="sdq", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

@@ -6,6 +6,7 @@ arrives as a multipart *file* part; plain form fields and url-encoded bodies wor
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -108,9 +109,13 @@ def to_request(tier: str, fields: dict[str, str]) -> JobRequest:
 def _endpoint(tier: str) -> Any:
     async def generate(request: Request, state: State, key: Key) -> Response:
         job_request = to_request(tier, await read_fields(request))
-        job, _ = await run_in_threadpool(state.jobs.submit, key, job_request)
+        submitted = await run_in_threadpool(
+            partial(state.jobs.submit, idempotency_key=request.headers.get("idempotency-key")),
+            key,
+            [job_request],
+        )
         timeout = state.settings.sync_timeout_seconds
-        job = await wait_for_end(state.aioredis, state.store, job.id, timeout)
+        job = await wait_for_end(state.aioredis, state.store, submitted.jobs[0].id, timeout)
         credits = await run_in_threadpool(state.keys.credits, key.id)
         if job.status is not JobStatus.SUCCEEDED:
             reason = job.error or f"the job was {job.status.value}"

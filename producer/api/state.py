@@ -14,6 +14,7 @@ from common.settings import Settings
 from common.storage import Storage, make_storage
 from common.store import JobStore
 from common.tiers import Tiers, load_tiers
+from common.webhooks import Deliveries
 from producer.jobs import JobService
 
 
@@ -26,13 +27,18 @@ class AppState:
     storage: Storage
     celery: Celery
     jobs: JobService
+    deliveries: Deliveries
     aioredis: aioredis.Redis
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         tiers = load_tiers(settings.tiers_file)
         client = connect(settings.redis_url)
-        store = JobStore(client, finished_ttl=settings.job_ttl_seconds)
+        store = JobStore(
+            client,
+            finished_ttl=settings.job_ttl_seconds,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+        )
         celery = make_celery(settings, tiers)
         return cls(
             settings=settings,
@@ -41,6 +47,7 @@ class AppState:
             keys=KeyStore(client),
             storage=make_storage(settings),
             celery=celery,
-            jobs=JobService(store, tiers, celery),
+            jobs=JobService(settings, store, tiers, celery),
+            deliveries=Deliveries(client),
             aioredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True),
         )

@@ -2,63 +2,208 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from common.errors import NotFound
-from common.job import Job, JobRequest
+from common.job import Job, JobRequest, JobStatus
+from common.keys import ApiKey
+from common.store import events_channel
 from producer.api.deps import Key, State
 from producer.api.state import AppState
+from producer.schemas import Account, BatchView, JobPage, JobView
 
 router = APIRouter(prefix="/v1", tags=["Jobs"])
 
-
-class JobView(Job):
-    """A job as its owner sees it, with presigned URLs for its images."""
-
-    credits_left: int | None = None
-
-
-class Account(BaseModel):
-    id: str
-    name: str
-    credits: int
-    webhook_secret: str
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description="Retry-safe submits: the same key and body return the same job(s) and "
+        "charge once; the same key with another body answers 409.",
+    ),
+]
 
 
-def view(state: AppState, job: Job, credits_left: int | None = None) -> JobView:
+class BatchRequest(BaseModel):
+    jobs: list[JobRequest] = Field(min_length=1, max_length=500)
+
+
+def view(
+    state: AppState, job: Job, credits_left: int | None = None, *, webhooks: bool = False
+) -> JobView:
     images = [
         image.model_copy(update={"url": state.storage.url(image.key)}) for image in job.images
     ]
-    data = job.model_dump() | {"images": images, "credits_left": credits_left}
+    deliveries = state.deliveries.for_job(job.id) if webhooks else []
+    data = job.model_dump() | {
+        "images": images,
+        "credits_left": credits_left,
+        "webhooks": deliveries,
+    }
     return JobView.model_validate(data)
 
 
-def owned_job(state: AppState, key_id: str, job_id: str) -> Job:
-    """The job if this key owns it: another key's job is as absent as a missing one."""
-    job = state.store.get(job_id)
-    if job.key_id != key_id:
-        raise NotFound(f"no job {job_id}")
-    return job
+def replay_headers(response: Response, replayed: bool) -> None:
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
 
 
-@router.post("/jobs", status_code=202, response_model=JobView, response_model_exclude={"key_id"})
-async def create_job(body: JobRequest, state: State, key: Key) -> JobView:
-    """Queue a job; poll ``GET /v1/jobs/{id}`` for its result."""
-    job, credits = await run_in_threadpool(state.jobs.submit, key, body)
-    return view(state, job, credits)
+@router.post("/jobs", status_code=202, response_model=JobView)
+def create_job(
+    body: JobRequest,
+    state: State,
+    key: Key,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobView:
+    """Queue a job. Follow it with `GET /v1/jobs/{id}`, its events, or its webhook."""
+    submitted = state.jobs.submit(key, [body], idempotency_key=idempotency_key)
+    replay_headers(response, submitted.replayed)
+    return view(state, submitted.jobs[0], submitted.credits)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude={"key_id"})
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(
+    state: State,
+    key: Key,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    """Your jobs, newest first."""
+    jobs, next_cursor = state.store.list_for_key(key.id, limit=limit, offset=cursor, status=status)
+    return JobPage(jobs=[view(state, job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView)
 def get_job(job_id: str, state: State, key: Key) -> JobView:
-    """A job, with presigned URLs for its images once it has succeeded."""
-    return view(state, owned_job(state, key.id, job_id))
+    """A job, with presigned image URLs once it has succeeded and its webhook attempts."""
+    return view(state, state.jobs.owned(key, job_id), webhooks=True)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+def cancel_job(job_id: str, state: State, key: Key) -> JobView:
+    """Cancel a queued job at once, a running one at its next denoising step. The job's
+    credits are refunded. A job that already ended answers 409."""
+    outcome = state.jobs.cancel(key, job_id)
+    credits = outcome.credits if outcome.credits >= 0 else None
+    return view(state, state.store.get(job_id), credits, webhooks=True)
+
+
+@router.post("/jobs/{job_id}/webhook/redeliver", status_code=202, response_model=JobView)
+def redeliver(job_id: str, state: State, key: Key) -> JobView:
+    """Send the job's webhook events again, with their original `webhook-id`s."""
+    job = state.jobs.owned(key, job_id)
+    state.deliveries.redeliver(job.id)
+    return view(state, job, webhooks=True)
+
+
+def owned_job_id(job_id: str, state: State, key: Key) -> str:
+    """A dependency, so that a stream checks ownership before its 200 goes out."""
+    return state.jobs.owned(key, job_id).id
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    job_id: Annotated[str, Depends(owned_job_id)],
+    state: State,
+    last_event_id: Annotated[int | None, Header()] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: every status change (`id` = its sequence number, so a client can
+    resume with `Last-Event-ID`) and `job.progress` per denoising step, ending with the
+    terminal event."""
+    pubsub = state.aioredis.pubsub(ignore_subscribe_messages=True)
+    # Subscribe before reading the log, so nothing falls between the two.
+    await pubsub.subscribe(events_channel(job_id))
+    try:
+        seen = last_event_id or 0
+        for event in await run_in_threadpool(state.store.events, job_id, seen):
+            seen = event["seq"]
+            yield _sse(event)
+            if _terminal(event):
+                return
+        while True:
+            message = await pubsub.get_message(timeout=15.0)
+            if message is None:
+                # Quiet: check the job has not ended behind our back (an expired channel).
+                job = await run_in_threadpool(state.store.get, job_id)
+                if job.status.terminal:
+                    for event in await run_in_threadpool(state.store.events, job_id, seen):
+                        yield _sse(event)
+                    return
+                continue
+            event = json.loads(message["data"])
+            if "seq" in event:
+                if event["seq"] <= seen:
+                    continue
+                seen = event["seq"]
+            yield _sse(event)
+            if _terminal(event):
+                return
+    finally:
+        await asyncio.shield(pubsub.aclose())
+
+
+def _sse(event: dict[str, Any]) -> ServerSentEvent:
+    seq = event.get("seq")
+    return ServerSentEvent(data=event, event=event["type"], id=None if seq is None else str(seq))
+
+
+def _terminal(event: dict[str, Any]) -> bool:
+    return event["type"] in ("job.succeeded", "job.failed", "job.canceled")
+
+
+@router.post("/batches", status_code=202, response_model=BatchView, tags=["Batches"])
+def create_batch(
+    body: BatchRequest,
+    state: State,
+    key: Key,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> BatchView:
+    """Queue many jobs at once: all are charged and queued, or none (429 when the credits
+    do not cover them all)."""
+    submitted = state.jobs.submit(key, body.jobs, idempotency_key=idempotency_key, batch=True)
+    replay_headers(response, submitted.replayed)
+    assert submitted.batch_id is not None
+    return batch_view(state, key, submitted.batch_id, submitted.credits)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchView, tags=["Batches"])
+def get_batch(batch_id: str, state: State, key: Key) -> BatchView:
+    """A batch: its jobs and how many are in each status."""
+    return batch_view(state, key, batch_id)
+
+
+def batch_view(
+    state: AppState, key: ApiKey, batch_id: str, credits_left: int | None = None
+) -> BatchView:
+    record, jobs = state.jobs.batch(key, batch_id)
+    present = [job for job in jobs if job is not None]
+    counts = {status.value: 0 for status in JobStatus}
+    for job in present:
+        counts[job.status.value] += 1
+    return BatchView(
+        id=batch_id,
+        created_at=float(record["created_at"]),  # type: ignore[arg-type]
+        total=len(jobs),
+        counts=counts,
+        done=all(job.status.terminal for job in present),
+        credits_left=credits_left,
+        jobs=[view(state, job) for job in present],
+    )
 
 
 @router.get("/account", response_model=Account, tags=["Account"])
 def account(state: State, key: Key) -> Account:
-    """The key's credits and its webhook signing secret."""
+    """The key's credits and its webhook signing secret (`whsec_...`)."""
     current = state.keys.get(key.id)
     return Account(
         id=current.id,

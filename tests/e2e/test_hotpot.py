@@ -200,7 +200,7 @@ def test_no_credits_is_429_and_charges_nothing(api_url: str, new_key: Key, keys:
     assert response.status_code == 429
     assert response.json() == {
         "code": 429,
-        "message": "not enough credits: this job costs 4, the key has 3",
+        "message": "not enough credits: this request costs 4, the key has 3",
     }
     assert keys.authenticate(key).credits == 3
     ok = post(api_url, key, "normal", inputText="x", steps=2)

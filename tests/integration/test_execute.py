@@ -48,7 +48,7 @@ def queued(store: JobStore, keys: KeyStore, credits: int = 10, **fields: object)
         cost=2 * request.num_images,
         created_at=now(),
     )
-    store.create(job)
+    store.create([job])
     return job
 
 

@@ -39,7 +39,7 @@ def make_job(key: ApiKey, cost: int = 2) -> Job:
 def test_create_debits_and_records(store: JobStore, keys: KeyStore, account) -> None:
     key = account(10)
     job = make_job(key, cost=4)
-    assert store.create(job) == 6
+    assert store.create([job]).credits == 6
     assert keys.credits(key.id) == 6
     stored = store.get(job.id)
     assert stored.status is JobStatus.QUEUED and stored.request.prompt == "a red fox"
@@ -51,8 +51,8 @@ def test_insufficient_credits_changes_nothing(
 ) -> None:
     key = account(3)
     job = make_job(key, cost=4)
-    with pytest.raises(InsufficientCredits, match="this job costs 4, the key has 3"):
-        store.create(job)
+    with pytest.raises(InsufficientCredits, match="this request costs 4, the key has 3"):
+        store.create([job])
     assert keys.credits(key.id) == 3
     assert not rclient.exists(job_key(job.id))
     assert not rclient.exists(events_key(job.id))
@@ -60,7 +60,7 @@ def test_insufficient_credits_changes_nothing(
 
 def test_the_happy_path_logs_every_transition(store: JobStore, account) -> None:
     job = make_job(account(5))
-    store.create(job)
+    store.create([job])
     assert store.start(job).applied
     image = ImageResult(
         index=0,
@@ -86,7 +86,7 @@ def test_the_happy_path_logs_every_transition(store: JobStore, account) -> None:
 def test_terminal_states_are_final(store: JobStore, keys: KeyStore, account) -> None:
     key = account(5)
     job = make_job(key)
-    store.create(job)
+    store.create([job])
     store.start(job)
     store.succeed(job, [], backend="local", model="tiny")
     for attempt in (store.start, store.cancel, lambda j: store.fail(j, "late")):
@@ -99,7 +99,7 @@ def test_terminal_states_are_final(store: JobStore, keys: KeyStore, account) -> 
 
 def test_a_queued_job_cannot_succeed_without_running(store: JobStore, account) -> None:
     job = make_job(account(5))
-    store.create(job)
+    store.create([job])
     outcome = store.succeed(job, [], backend="local", model="tiny")
     assert not outcome.applied and outcome.current is JobStatus.QUEUED
 
@@ -107,7 +107,7 @@ def test_a_queued_job_cannot_succeed_without_running(store: JobStore, account) -
 def test_failure_refunds_exactly_once(store: JobStore, keys: KeyStore, account) -> None:
     key = account(5)
     job = make_job(key, cost=2)
-    store.create(job)
+    store.create([job])
     store.start(job)
     first = store.fail(job, "out of memory")
     assert first.applied and first.credits == 5
@@ -120,7 +120,7 @@ def test_failure_refunds_exactly_once(store: JobStore, keys: KeyStore, account) 
 def test_concurrent_cancels_refund_once(store: JobStore, keys: KeyStore, account) -> None:
     key = account(10)
     job = make_job(key, cost=3)
-    store.create(job)
+    store.create([job])
     barrier = threading.Barrier(16)
     applied: list[bool] = []
 
@@ -139,7 +139,7 @@ def test_concurrent_cancels_refund_once(store: JobStore, keys: KeyStore, account
 
 def test_redelivery_counts_attempts(store: JobStore, account) -> None:
     job = make_job(account(5))
-    store.create(job)
+    store.create([job])
     assert store.start(job).attempts == 1
     assert store.start(job).attempts == 2  # the worker died; the broker redelivered
     assert store.get(job.id).attempts == 2
@@ -148,7 +148,7 @@ def test_redelivery_counts_attempts(store: JobStore, account) -> None:
 def test_finished_jobs_expire(rclient: redis.Redis, account) -> None:
     store = JobStore(rclient, finished_ttl=120)
     job = make_job(account(5))
-    store.create(job)
+    store.create([job])
     assert rclient.ttl(job_key(job.id)) == -1
     store.cancel(job)
     assert 0 < rclient.ttl(job_key(job.id)) <= 120

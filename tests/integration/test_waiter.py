@@ -27,7 +27,7 @@ def queued(store: JobStore, keys: KeyStore) -> Job:
         cost=1,
         created_at=now(),
     )
-    store.create(job)
+    store.create([job])
     return job
 
 

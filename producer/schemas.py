@@ -1,0 +1,49 @@
+"""Response shapes of the ``/v1`` API, shared by the API and the Python client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from common.job import Job
+from common.webhooks import Delivery
+
+
+class JobView(Job):
+    """A job as its owner sees it: presigned URLs for its images, its webhook deliveries."""
+
+    key_id: str = Field("", exclude=True)
+    credits_left: int | None = Field(None, description="The key's credits after this call.")
+    webhooks: list[Delivery] = Field(default_factory=list)
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    next_cursor: int | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class BatchView(BaseModel):
+    id: str
+    created_at: float
+    total: int
+    counts: dict[str, int] = Field(description="Jobs by status.")
+    done: bool
+    credits_left: int | None = None
+    jobs: list[JobView]
+
+
+class Account(BaseModel):
+    id: str
+    name: str
+    credits: int
+    webhook_secret: str = Field(description="Verifies the `webhook-signature` of your webhooks.")
+
+
+class Event(BaseModel):
+    """One server-sent event of a job."""
+
+    type: str
+    timestamp: str
+    seq: int | None = None
+    data: dict[str, Any]

@@ -121,6 +121,7 @@ class Job(BaseModel):
     attempts: int = 0
     refunded: bool = False
     backend: Literal["local", "remote"] | None = None
+    remote_reason: str | None = Field(None, description="Why the remote API served it.")
     model: str | None = None
     images: list[ImageResult] = Field(default_factory=list)
     error: str | None = None

@@ -43,7 +43,14 @@ class Settings(BaseSettings):
         None, description="Model id or local directory; defaults to the tiny model under home."
     )
     tiers_file: Path | None = None
+    runner: Literal["auto", "local", "remote"] = Field(
+        "auto", description="remote: serve from the tier's remote API only (no model)."
+    )
     torch_compile: bool = False
+    vae_model: str | None = Field(
+        None, description="A VAE to swap in, e.g. madebyollin/sdxl-vae-fp16-fix for fp16."
+    )
+    model_variant: str | None = Field("fp16", description="Weights variant tried first on GPU.")
     #: Serve a tier on a device class it does not list. Logged loudly; for operators only.
     hardware_override: bool = False
 
@@ -54,6 +61,14 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(3600, ge=10)
     worker_proc_alive_timeout: float = Field(300.0, gt=0)
     worker_max_tasks_per_child: int | None = Field(None, ge=1)
+
+    # The remote Hotpot-compatible fallback.
+    remote_api_key: SecretStr | None = None
+    remote_timeout_seconds: float = Field(120.0, gt=0)
+    remote_max_attempts: int = Field(4, ge=1)
+    remote_retry_base_seconds: float = Field(1.0, gt=0)
+    circuit_failures: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    circuit_cooldown_seconds: float = Field(30.0, gt=0)
 
     # Webhooks.
     webhook_allow_loopback: bool = Field(

@@ -430,7 +430,13 @@ class JobStore:
         )
 
     def succeed(
-        self, job: Job, images: list[ImageResult], *, backend: str, model: str
+        self,
+        job: Job,
+        images: list[ImageResult],
+        *,
+        backend: str,
+        model: str,
+        remote_reason: str | None = None,
     ) -> Transition:
         return self.transition(
             job,
@@ -441,6 +447,7 @@ class JobStore:
                 "images": [image.model_dump(mode="json") for image in images],
                 "backend": backend,
                 "model": model,
+                "remote_reason": remote_reason,
             },
         )
 

@@ -13,6 +13,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from common.errors import InvalidRequest, SdqError
 
 HardwareClass = Literal["cpu", "t4", "l4", "a10g", "l40s", "a100", "h100", "h200"]
+Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+#: When a worker hands a job to the tier's remote API instead of running it itself.
+FallbackPolicy = Literal["no_device", "load_failed", "oom", "spillover"]
 
 
 class Tier(BaseModel):
@@ -28,13 +31,24 @@ class Tier(BaseModel):
     max_images: int = Field(1, ge=1)
     price: int = Field(ge=0, description="Credits per image.")
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    remote_url: str | None = None
+    scheduler: Scheduler = "euler"
+    remote_url: str | None = Field(None, description="A Hotpot-compatible endpoint.")
+    remote_fallback: list[FallbackPolicy] = Field(default_factory=list)
+    remote_only: bool = False
+    spillover_after_seconds: float | None = Field(
+        None, gt=0, description="Send a job to the remote API once it waited this long."
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Tier:
         if self.default_steps > self.max_steps:
             raise ValueError(f"tier {self.name}: default_steps exceeds max_steps")
+        if (self.remote_only or self.remote_fallback) and not self.remote_url:
+            raise ValueError(f"tier {self.name}: remote_only and remote_fallback need remote_url")
         return self
+
+    def falls_back(self, policy: FallbackPolicy) -> bool:
+        return self.remote_url is not None and policy in self.remote_fallback
 
     def cost(self, num_images: int) -> int:
         return self.price * num_images

@@ -347,12 +347,17 @@ def worker(
         list[str], typer.Option("--tier", "-t", help="Tier to serve; repeat to serve several.")
     ],
     concurrency: Annotated[int, typer.Option(help="Pool children (one per GPU).")] = 1,
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="The GPU to pin (sets CUDA_VISIBLE_DEVICES): one worker per GPU."),
+    ] = None,
 ) -> None:
-    """Run a Celery worker for a tier. Exits 2 when this machine's device may not serve it."""
+    """Run a Celery worker for a tier. Exits 2 when this machine's device may not serve it
+    (unless the tier falls back to its remote API on `no_device`)."""
     from workers.main import run_worker
 
     _logging()
-    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level)
+    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level, gpu=gpu)
 
 
 @app.command()

@@ -7,6 +7,7 @@ device is read through NVML, which does not touch the CUDA runtime.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from common.errors import HardwareMismatch
@@ -77,8 +78,23 @@ def classify(device: Device) -> str:
     return "cpu"
 
 
+def _visible() -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as a list, or None when it is not set."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip() and part.strip() != "-1"]
+
+
 def detect() -> Device:
-    """The first visible NVIDIA GPU through NVML, or the CPU when there is none."""
+    """The first visible NVIDIA GPU through NVML, or the CPU when there is none.
+
+    NVML ignores ``CUDA_VISIBLE_DEVICES``, so the first device it names (an index or a
+    UUID) is looked up explicitly.
+    """
+    visible = _visible()
+    if visible == []:
+        return CPU
     try:
         import pynvml
     except ImportError:
@@ -91,7 +107,14 @@ def detect() -> Device:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:
             return CPU
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        if visible is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        elif visible[0].isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible[0]))
+            count = len(visible)
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(visible[0])
+            count = len(visible)
         name = pynvml.nvmlDeviceGetName(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
         capability = pynvml.nvmlDeviceGetCudaComputeCapability(handle)

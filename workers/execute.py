@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image
 
-from common.errors import SdqError
-from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus
+from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError
+from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus, now
 from common.settings import Settings
 from common.storage import Storage, object_key
 from common.store import JobStore
+from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.encode import encode
-from workers.pipeline import Generation, StepCallback
+from workers.pipeline import CudaOutOfMemory, Generation, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class Runner(Protocol):
     """Anything that turns a ``Generation`` into images: the local pipeline or a remote API."""
 
     backend: str
+    #: Why the runner cannot work (a model that failed to load), or None.
+    load_error: str | None
 
     @property
     def model_name(self) -> str: ...
@@ -43,13 +47,18 @@ class Runner(Protocol):
 
 @dataclass
 class WorkerContext:
+    """What a worker process runs jobs with. ``local`` is ``None`` when this machine has no
+    device for its tiers; ``remote`` gives the runner of a tier's remote API."""
+
     settings: Settings
     store: JobStore
     storage: Storage
-    runner: Runner
+    local: Runner | None
+    remote: Callable[[str], Runner] | None = None
+    tiers: Tiers = field(default_factory=load_tiers)
 
 
-def generation_for(job: Job) -> Generation:
+def generation_for(job: Job, scheduler: str = "euler") -> Generation:
     request = job.request
     return Generation(
         prompt=request.prompt,
@@ -59,11 +68,12 @@ def generation_for(job: Job) -> Generation:
         width=request.width,
         height=request.height,
         seeds=[(job.seed + i) % (MAX_SEED + 1) for i in range(request.num_images)],
+        scheduler=scheduler,
     )
 
 
 def upload(
-    ctx: WorkerContext, job: Job, images: list[Image.Image], seeds: list[int]
+    ctx: WorkerContext, runner: Runner, job: Job, images: list[Image.Image], seeds: list[int]
 ) -> list[ImageResult]:
     """Encode and store each image under its deterministic key; a retry overwrites."""
     fmt = job.request.output_format
@@ -75,8 +85,8 @@ def upload(
             "job-id": job.id,
             "tier": job.tier,
             "seed": str(seed),
-            "model": ctx.runner.model_name,
-            "backend": ctx.runner.backend,
+            "model": runner.model_name,
+            "backend": runner.backend,
         }
         ctx.storage.put(key, body, content_type, metadata)
         results.append(
@@ -108,7 +118,8 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         ctx.store.fail(job, message)
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
-    generation = generation_for(job)
+    tier = ctx.tiers.get(job.tier)
+    generation = generation_for(job, tier.scheduler)
 
     def on_step(step: int, total: int) -> None:
         # One round trip per step publishes progress and learns of a cancel.
@@ -117,8 +128,16 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
             raise Canceled()
 
     try:
-        images = ctx.runner.generate(generation, on_step)
-        results = upload(ctx, job, images, generation.seeds)
+        runner, reason = choose_runner(ctx, job, tier)
+        try:
+            images = runner.generate(generation, on_step)
+        except CudaOutOfMemory:
+            if not (job.request.allow_remote and tier.falls_back("oom")):
+                raise
+            runner, reason = remote_runner(ctx, tier), "oom"
+            log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
+            images = runner.generate(generation, on_step)
+        results = upload(ctx, runner, job, images, generation.seeds)
     except Canceled:
         log.info("job %s: canceled while running; stopped", job_id)
         return JobStatus.CANCELED
@@ -131,9 +150,45 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         ctx.store.fail(job, "internal error while generating")
         return JobStatus.FAILED
     outcome = ctx.store.succeed(
-        job, results, backend=ctx.runner.backend, model=ctx.runner.model_name
+        job, results, backend=runner.backend, model=runner.model_name, remote_reason=reason
     )
     if not outcome.applied:
         log.info("job %s finished but is already %s", job_id, outcome.current.value)
         return outcome.current
     return JobStatus.SUCCEEDED
+
+
+def remote_runner(ctx: WorkerContext, tier: Tier) -> Runner:
+    if ctx.remote is None or tier.remote_url is None:
+        raise RemoteApiError(f"tier {tier.name} has no remote API")
+    return ctx.remote(tier.remote_url)
+
+
+def choose_runner(ctx: WorkerContext, job: Job, tier: Tier) -> tuple[Runner, str | None]:
+    """The local pipeline, or the tier's remote API when a fallback policy says so."""
+    allowed = job.request.allow_remote
+    if tier.remote_only:
+        if not allowed:
+            raise InvalidRequest(
+                f"tier {tier.name} runs only on its remote API, and the job forbids it"
+            )
+        return remote_runner(ctx, tier), "remote_only"
+    local = ctx.local
+    unavailable: tuple[FallbackPolicy, str] | None = None
+    if local is None:
+        unavailable = ("no_device", f"no device of tier {tier.name}'s classes on this worker")
+    elif local.load_error is not None:
+        unavailable = ("load_failed", local.load_error)
+    if unavailable is not None:
+        policy, why = unavailable
+        if allowed and tier.falls_back(policy):
+            log.warning("job %s: %s; handing it to %s", job.id, why, tier.remote_url)
+            return remote_runner(ctx, tier), policy
+        raise ModelLoadError(why)
+    assert local is not None
+    waited = now() - job.created_at
+    spill = tier.spillover_after_seconds
+    if allowed and tier.falls_back("spillover") and spill is not None and waited > spill:
+        log.info("job %s waited %.0fs; spilling over to %s", job.id, waited, tier.remote_url)
+        return remote_runner(ctx, tier), "spillover"
+    return local, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from common.errors import HardwareMismatch, InvalidRequest
@@ -13,24 +14,48 @@ from workers.device import check_tier, detect
 log = logging.getLogger(__name__)
 
 
-def run_worker(tier_names: list[str], *, concurrency: int = 1, loglevel: str = "INFO") -> None:
-    """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one."""
+def run_worker(
+    tier_names: list[str], *, concurrency: int = 1, loglevel: str = "INFO", gpu: str | None = None
+) -> None:
+    """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one.
+
+    A tier whose ``remote_fallback`` lists ``no_device`` is served from its remote API on a
+    machine that lacks its hardware, instead of refusing.
+    """
+    if gpu is not None:
+        # One worker per GPU: pin before anything looks at the devices.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     settings = get_settings()
     tiers = load_tiers(settings.tiers_file)
     device = detect()
+    remote: list[str] = []
     try:
         # Most expensive first: a worker serving several tiers takes the dearest job waiting.
         selected = sorted((tiers.get(name) for name in tier_names), key=lambda t: -t.price)
         for tier in selected:
-            check_tier(
-                device,
-                tier,
-                development=settings.env == "development",
-                override=settings.hardware_override,
+            try:
+                check_tier(
+                    device,
+                    tier,
+                    development=settings.env == "development",
+                    override=settings.hardware_override,
+                )
+            except HardwareMismatch as exc:
+                if not tier.falls_back("no_device"):
+                    raise
+                log.warning("%s; serving it from its remote API %s", exc.message, tier.remote_url)
+                remote.append(tier.name)
+        if remote and len(remote) < len(selected):
+            raise HardwareMismatch(
+                f"tiers {', '.join(remote)} would run remotely and the others locally; "
+                "run them in separate workers"
             )
     except (HardwareMismatch, InvalidRequest) as exc:
         print(f"sdq worker: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+    if remote:
+        os.environ["SDQ_RUNNER"] = "remote"
+        get_settings.cache_clear()
     log.info("device: %s; serving %s", device.describe(), ", ".join(tier_names))
 
     from workers.celery_app import app

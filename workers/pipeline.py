@@ -15,11 +15,25 @@ from typing import Any
 
 from PIL import Image
 
-from common.errors import ModelLoadError
+from common.errors import ModelLoadError, SdqError
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
+
+# Tier scheduler names -> (diffusers class, extra config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+class CudaOutOfMemory(SdqError, MemoryError):
+    message = "the GPU ran out of memory, even one image at a time with VAE tiling"
 
 
 @dataclass(frozen=True)
@@ -33,18 +47,36 @@ class Generation:
     width: int | None
     height: int | None
     seeds: list[int]
+    scheduler: str = "euler"
 
 
 class SdxlRunner:
-    """Local generation with diffusers' SDXL pipeline, kept warm in the worker process."""
+    """Local generation with diffusers' SDXL pipeline, kept warm in the worker process.
+
+    On CUDA: fp16 weights (the ``fp16`` variant when the model has one), an optional
+    fp16-safe VAE, SDPA attention, channels_last, optional ``torch.compile`` with a warm-up
+    at load so the first job is not the slow one.
+    """
 
     backend = "local"
 
-    def __init__(self, model: str, *, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        compile: bool = False,
+        vae: str | None = None,
+        variant: str | None = "fp16",
+    ) -> None:
         self.model = model
         self.compile = compile
+        self.vae = vae
+        self.variant = variant
         self.pipe: Any = None
         self.device = "cpu"
+        #: Why the model could not be loaded, once a load has failed.
+        self.load_error: str | None = None
+        self._schedulers: dict[str, Any] = {}
 
     @property
     def model_name(self) -> str:
@@ -53,26 +85,40 @@ class SdxlRunner:
 
     def load(self) -> None:
         """``from_pretrained`` the model (a hub id or a local directory) onto the device."""
+        try:
+            self._load()
+        except ModelLoadError as exc:
+            self.load_error = exc.message
+            raise
+
+    def _load(self) -> None:
         import torch
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
 
         started = time.monotonic()
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"
         dtype = torch.float16 if cuda else torch.float32
+        options: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                self.model, torch_dtype=dtype, use_safetensors=True
-            )
+            if self.vae:
+                options["vae"] = AutoencoderKL.from_pretrained(self.vae, torch_dtype=dtype)
+            pipe = self._from_pretrained(StableDiffusionXLPipeline, options, cuda)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {self.model!r}: {exc}") from exc
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
         if cuda:
             pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
             if self.compile:
                 pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
         self.pipe = pipe
+        self._schedulers = {}
+        if cuda and self.compile:
+            self._warm_up()
         log.info(
             "loaded %s on %s (%s) in %.1fs",
             self.model,
@@ -81,16 +127,72 @@ class SdxlRunner:
             time.monotonic() - started,
         )
 
+    def _from_pretrained(self, cls: Any, options: dict[str, Any], cuda: bool) -> Any:
+        if cuda and self.variant:
+            try:
+                return cls.from_pretrained(self.model, variant=self.variant, **options)
+            except (OSError, ValueError):
+                log.info(
+                    "model %s has no %s variant; loading its default weights",
+                    self.model,
+                    self.variant,
+                )
+        return cls.from_pretrained(self.model, **options)
+
+    def _warm_up(self) -> None:
+        """Compile now, at the native size, so the first job does not pay for it."""
+        started = time.monotonic()
+        self.generate(Generation("warm-up", None, 5.0, 2, None, None, [0]))
+        log.info("torch.compile warm-up took %.1fs", time.monotonic() - started)
+
+    def scheduler(self, name: str) -> Any:
+        """The pipeline's scheduler swapped for the tier's, made once per name."""
+        if name not in self._schedulers:
+            import diffusers
+
+            class_name, extra = SCHEDULERS[name]
+            cls = getattr(diffusers, class_name)
+            self._schedulers[name] = cls.from_config(self.pipe.scheduler.config, **extra)
+        return self._schedulers[name]
+
     def generate(
         self, generation: Generation, on_step: StepCallback | None = None
     ) -> list[Image.Image]:
-        """Run the pipeline; one ``torch.Generator`` per image makes each seed reproducible."""
+        """Run the pipeline; one ``torch.Generator`` per image makes each seed reproducible.
+
+        CUDA out of memory: free the cache, then retry one image per call with VAE tiling;
+        if that fails too, raise ``CudaOutOfMemory`` for the fallback policy to handle.
+        """
         import torch
 
         if self.pipe is None:
             self.load()
+        self.pipe.scheduler = self.scheduler(generation.scheduler)
+        try:
+            return self._call(generation, generation.seeds, on_step)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("CUDA out of memory; retrying one image a call with VAE tiling")
+        torch.cuda.empty_cache()
+        self.pipe.enable_vae_tiling()
+        try:
+            return [
+                image
+                for seed in generation.seeds
+                for image in self._call(generation, [seed], on_step)
+            ]
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise CudaOutOfMemory() from exc
+        finally:
+            self.pipe.disable_vae_tiling()
+
+    def _call(
+        self, generation: Generation, seeds: list[int], on_step: StepCallback | None
+    ) -> list[Image.Image]:
+        import torch
+
         # CPU generators give the same noise for a seed on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in generation.seeds]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
@@ -105,7 +207,7 @@ class SdxlRunner:
                 num_inference_steps=generation.steps,
                 width=generation.width,
                 height=generation.height,
-                num_images_per_prompt=len(generation.seeds),
+                num_images_per_prompt=len(seeds),
                 generator=generators,
                 callback_on_step_end=step_end,
             )

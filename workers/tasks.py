@@ -13,9 +13,11 @@ from common.redis import connect
 from common.settings import get_settings
 from common.storage import make_storage
 from common.store import JobStore
+from common.tiers import load_tiers
 from workers.celery_app import app
 from workers.execute import WorkerContext, execute
 from workers.pipeline import SdxlRunner
+from workers.remote import RemoteRunners
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +25,25 @@ _context: WorkerContext | None = None
 
 
 def context() -> WorkerContext:
-    """This process's store, storage and runner, made once."""
+    """This process's store, storage and runners, made once."""
     global _context
     if _context is None:
         settings = get_settings()
+        local = None
+        if settings.runner != "remote":
+            local = SdxlRunner(
+                settings.model_path,
+                compile=settings.torch_compile,
+                vae=settings.vae_model,
+                variant=settings.model_variant,
+            )
         _context = WorkerContext(
             settings=settings,
             store=JobStore(connect(settings.redis_url), finished_ttl=settings.job_ttl_seconds),
             storage=make_storage(settings),
-            runner=SdxlRunner(settings.model_path, compile=settings.torch_compile),
+            local=local,
+            remote=RemoteRunners(settings).for_url,
+            tiers=load_tiers(settings.tiers_file),
         )
     return _context
 
@@ -39,12 +51,13 @@ def context() -> WorkerContext:
 @worker_process_init.connect
 def load_model(**_: Any) -> None:
     """Load the pipeline in each pool child, after the fork (CUDA does not survive fork)."""
-    runner = context().runner
+    runner = context().local
     if isinstance(runner, SdxlRunner):
         try:
             runner.load()
         except ModelLoadError as exc:
-            # Jobs will fail with this message (and be refunded) until the model is fixed.
+            # Jobs now fail with this message (refunded), or go to the tier's remote API
+            # where its load_failed policy allows.
             log.error("%s", exc.message)
 
 

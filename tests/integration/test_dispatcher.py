@@ -11,9 +11,21 @@ import pytest
 
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
 from common.keys import KeyStore
+from common.redis import connect
 from common.settings import Settings
 from common.store import DUE_KEY, JobStore, delivery_id
 from common.webhooks import Deliveries, Dispatcher, backoff, retry_after
+
+
+@pytest.fixture
+def store(redis_url: str) -> JobStore:
+    """A database of its own: the session's API runs a dispatcher on database 0."""
+    return JobStore(connect(redis_url.rsplit("/", 1)[0] + "/1"))
+
+
+@pytest.fixture
+def keys(store: JobStore) -> KeyStore:
+    return KeyStore(store.redis)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ def runner(tiny_model: Path) -> SdxlRunner:
 class BrokenRunner:
     backend = "local"
     model_name = "broken"
+    load_error = None
 
     def generate(self, generation: Generation, on_step: object = None) -> list[Image.Image]:
         raise ModelLoadError("cannot load model 'broken': no such directory")

@@ -1,0 +1,212 @@
+"""The remote fallback: a client for Hotpot-compatible APIs (Hotpot itself, or another sdq).
+
+It speaks the seed's contract: a multipart POST with ``inputText``, ``guidanceScale`` and
+friends, ``Authorization: <key>``, image bytes back with ``X-API-Credits-Left``, errors as
+``{"code": N, "message": ...}``. 429 and 5xx are retried with backoff, honouring
+``Retry-After``; a circuit breaker stops calling an API that keeps failing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from common.errors import RemoteApiError
+from common.settings import Settings
+from workers.pipeline import Generation, StepCallback
+
+log = logging.getLogger(__name__)
+
+
+class RetryableRemoteError(RemoteApiError):
+    """A 429, a 5xx or a network error: worth another try."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(RemoteApiError):
+    message = "the remote API is failing; its circuit breaker is open"
+
+
+class CircuitBreaker:
+    """Opens after ``failures`` consecutive failures; lets one call through (half-open)
+    after ``cooldown`` seconds, and closes again on its success."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self.opened_at is not None and time.monotonic() - self.opened_at < self.cooldown
+
+    def check(self) -> None:
+        if self.is_open:
+            raise CircuitOpen()
+
+    def success(self) -> None:
+        with self._lock:
+            self.failures, self.opened_at = 0, None
+
+    def failure(self) -> None:
+        with self._lock:
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self.opened_at = time.monotonic()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+class HotpotClient:
+    """One Hotpot-compatible endpoint, with retries and a circuit breaker."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float,
+        max_attempts: int,
+        retry_base: float,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.max_attempts = max_attempts
+        self.breaker = breaker
+        self._backoff = wait_exponential_jitter(initial=retry_base, max=60, jitter=retry_base)
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self.credits_left: int | None = None
+
+    def _wait(self, state: Any) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RetryableRemoteError) and error.retry_after is not None:
+            return min(error.retry_after, 300.0)
+        return float(self._backoff(state))
+
+    def generate(self, fields: dict[str, str]) -> bytes:
+        """The image bytes for one request; raises ``RemoteApiError`` when it cannot."""
+        self.breaker.check()
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(RetryableRemoteError),
+            reraise=True,
+        )
+        try:
+            body = retrying(self._call, fields)
+        except RetryableRemoteError:
+            self.breaker.failure()
+            raise
+        self.breaker.success()
+        return body
+
+    def _call(self, fields: dict[str, str]) -> bytes:
+        files = {name: (None, value) for name, value in fields.items()}
+        try:
+            response = self.http.post(
+                self.url, headers={"Authorization": self.api_key}, files=files
+            )
+        except httpx.HTTPError as exc:
+            raise RetryableRemoteError(f"remote API unreachable: {exc}") from exc
+        if response.status_code == 200:
+            credits = response.headers.get("x-api-credits-left")
+            self.credits_left = int(credits) if credits and credits.isdigit() else None
+            return response.content
+        message = f"remote API answered {response.status_code}: {_message(response)}"
+        if response.status_code == 429 or response.status_code >= 500:
+            log.warning("%s; retrying", message)
+            raise RetryableRemoteError(message, _retry_after(response))
+        raise RemoteApiError(message)
+
+
+class RemoteRunner:
+    """Generation on a tier's remote API, shaped like the local runner."""
+
+    backend = "remote"
+    load_error: str | None = None
+
+    def __init__(self, client: HotpotClient) -> None:
+        self.client = client
+
+    @property
+    def model_name(self) -> str:
+        return f"remote:{urlsplit(self.client.url).netloc}"
+
+    def generate(
+        self, generation: Generation, on_step: StepCallback | None = None
+    ) -> list[Image.Image]:
+        images: list[Image.Image] = []
+        for seed in generation.seeds:
+            fields = {
+                "inputText": generation.prompt,
+                "guidanceScale": str(generation.guidance_scale),
+                "seed": str(seed),
+                "steps": str(generation.steps),
+                "outputFormat": "png",  # lossless: the worker encodes the job's format
+            }
+            if generation.negative_prompt:
+                fields["negativePrompt"] = generation.negative_prompt
+            if generation.width and generation.height:
+                fields["width"], fields["height"] = str(generation.width), str(generation.height)
+            body = self.client.generate(fields)
+            try:
+                image = Image.open(io.BytesIO(body))
+                image.load()
+            except OSError as exc:
+                raise RemoteApiError(f"the remote API sent no image: {exc}") from exc
+            images.append(image)
+            if on_step is not None:
+                on_step(generation.steps, generation.steps)
+        return images
+
+
+class RemoteRunners:
+    """One runner per tier URL, each with its own breaker, made on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._runners: dict[str, RemoteRunner] = {}
+        self._lock = threading.Lock()
+
+    def for_url(self, url: str) -> RemoteRunner:
+        with self._lock:
+            if url not in self._runners:
+                s = self.settings
+                key = s.remote_api_key.get_secret_value() if s.remote_api_key else ""
+                breaker = CircuitBreaker(s.circuit_failures, s.circuit_cooldown_seconds)
+                client = HotpotClient(
+                    url,
+                    key,
+                    timeout=s.remote_timeout_seconds,
+                    max_attempts=s.remote_max_attempts,
+                    retry_base=s.remote_retry_base_seconds,
+                    breaker=breaker,
+                )
+                self._runners[url] = RemoteRunner(client)
+            return self._runners[url]

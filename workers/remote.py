@@ -99,7 +99,7 @@ class HotpotClient:
         self.api_key = api_key
         self.max_attempts = max_attempts
         self.breaker = breaker
-        self._backoff = wait_exponential_jitter(initial=retry_base, max=60, jitter=retry_base)
+        self._backoff = wait_exponential_jitter(multiplier=retry_base, max=60, jitter=retry_base)
         self.http = httpx.Client(timeout=timeout, follow_redirects=False)
         self.credits_left: int | None = None
 
@@ -210,3 +210,9 @@ class RemoteRunners:
                 )
                 self._runners[url] = RemoteRunner(client)
             return self._runners[url]
+
+    def close(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                runner.client.http.close()
+            self._runners.clear()

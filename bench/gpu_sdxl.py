@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,86 +76,27 @@ CLIP_G: dict[str, Any] = {
     "hidden_act": "gelu",
     "vocab_size": 49408,
 }
-# The same shapes, scaled down, for --cpu-smoke.
-TINY_UNET = SDXL_UNET | {
-    "sample_size": 32,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "attention_head_dim": (2, 4),
-    "transformer_layers_per_block": (1, 1),
-    "cross_attention_dim": 64,
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 80,
-    "norm_num_groups": 1,
-}
-TINY_VAE = SDXL_VAE | {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "sample_size": 64,
-    "norm_num_groups": 1,
-}
-TINY_CLIP = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "projection_dim": 32,
-    "hidden_act": "gelu",
-    "vocab_size": 49408,
-}
 
 
 def build(device: str, dtype: Any, tiny: bool) -> Any:
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from workers.tiny import _write_tokenizer_files
+    from workers.tiny import TINY_CLIP, TINY_UNET, TINY_VAE, assemble
 
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab, merges, _ = _write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
-    special = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
-    clip_l, clip_g = (TINY_CLIP, TINY_CLIP) if tiny else (CLIP_L, CLIP_G)
     # Initialise straight in the target dtype, on the device: 2.6 B parameters in fp32
     # would take twice the memory and time for nothing.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    with torch.device(device):
-        pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**clip_l, **special)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_g, **special)),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET)),
-            scheduler=EulerDiscreteScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                steps_offset=1,
-                timestep_spacing="leading",
-            ),
-        )
-    torch.set_default_dtype(default_dtype)
+    try:
+        with torch.device(device):
+            if tiny:
+                pipe = assemble(TINY_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP)
+            else:
+                pipe = assemble(SDXL_UNET, SDXL_VAE, CLIP_L, CLIP_G)
+    finally:
+        torch.set_default_dtype(default_dtype)
     pipe.set_progress_bar_config(disable=True)
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     return pipe
 

@@ -12,6 +12,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,51 @@ def _write_tokenizer_files(directory: Path) -> tuple[Path, Path, int]:
     return vocab_file, merges_file, len(vocab)
 
 
-def build_tiny(out_dir: Path) -> Path:
-    """Build and save the tiny pipeline under ``out_dir``; returns it."""
+# The SDXL architecture, scaled down: a text-time conditioned UNet whose cross-attention
+# takes both text encoders' hidden states concatenated, and a KL VAE.
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "transformer_layers_per_block": (1, 1),
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,  # 32 + 32: both text encoders
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # pooled text + 6 time ids
+    "norm_num_groups": 1,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "latent_channels": 4,
+    "sample_size": 64,
+    "norm_num_groups": 1,
+}
+TINY_CLIP: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+
+def assemble(
+    unet: dict[str, Any], vae: dict[str, Any], clip: dict[str, Any], clip_2: dict[str, Any]
+) -> Any:
+    """An SDXL pipeline with random weights (seeded) from these component configs, with
+    the byte-level tokenizer. ``bench/gpu_sdxl.py`` builds full-size SDXL with it."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -54,79 +98,53 @@ def build_tiny(out_dir: Path) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from diffusers.utils import logging as diffusers_logging
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
         CLIPTokenizer,
     )
-    from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     torch.manual_seed(BUILD_SEED)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file, vocab_size = _write_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        use_linear_projection=True,
-        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + 6 time ids
-        norm_num_groups=1,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-        norm_num_groups=1,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
+    special = {
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+    def text_config(config: dict[str, Any]) -> Any:
+        return CLIPTextConfig(**{"vocab_size": vocab_size, **config, **special})
+
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(text_config(clip)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(clip_2)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
+        unet=UNet2DConditionModel(**unet),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
     )
+
+
+def build_tiny(out_dir: Path) -> Path:
+    """Build and save the tiny pipeline under ``out_dir``; returns it."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    pipeline = assemble(TINY_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(out_dir)  # type: ignore[attr-defined]  # diffusers mixin
+    pipeline.save_pretrained(out_dir)
     log.info("built the tiny SDXL pipeline in %s", out_dir)
     return out_dir
 

@@ -80,6 +80,15 @@ def iso(ts: float) -> str:
 # Shared Lua: the job as JSON (its hash values are JSON already), and the event step that
 # logs, publishes and, when the job asked for this event, schedules a webhook delivery.
 _LUA_EVENT = """
+local function tier_of(jobkey)
+  return cjson.decode(redis.call('HGET', jobkey, 'tier'))
+end
+
+-- Fleet metrics (common/metrics.py): a hash per metric, a field per label set.
+local function count(name, labels, amount)
+  redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)
+end
+
 local function snapshot(jobkey)
   local flat = redis.call('HGETALL', jobkey)
   local parts = {}
@@ -151,6 +160,10 @@ for j = 0, n - 1 do
   local jobkey = 'sdq:job:' .. id
   for name, value in pairs(fields) do redis.call('HSET', jobkey, name, value) end
   redis.call('ZADD', KEYS[2], ARGV[base + 1], id)
+  local tier = tier_of(jobkey)
+  redis.call('ZADD', 'sdq:queued:' .. tier, ARGV[base + 1], id)
+  count('sdq_jobs_total', '{"status":"queued","tier":"' .. tier .. '"}', 1)
+  count('sdq_credits_debited_total', '{"tier":"' .. tier .. '"}', tonumber(fields['cost']))
   emit(jobkey, jobkey .. ':events', 'sdq:events:' .. id, 'job.queued', ARGV[4], ARGV[base + 3],
        tonumber(ARGV[5]), tonumber(ARGV[6]), true)
   ids[#ids + 1] = id
@@ -181,6 +194,9 @@ for i = 12, 11 + n do
 end
 if not allowed then return {0, cur} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
+local tier = tier_of(KEYS[1])
+redis.call('ZREM', 'sdq:queued:' .. tier, cjson.decode(redis.call('HGET', KEYS[1], 'id')))
+count('sdq_jobs_total', '{"status":' .. ARGV[1] .. ',"tier":"' .. tier .. '"}', 1)
 for i = 12 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
@@ -193,6 +209,7 @@ if ARGV[3] == '1' and redis.call('HGET', KEYS[1], 'refunded') ~= 'true' then
   local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
   if cost > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
     credits = redis.call('HINCRBY', KEYS[3], 'credits', cost)
+    count('sdq_credits_refunded_total', '{"tier":"' .. tier .. '"}', cost)
   end
   redis.call('HSET', KEYS[1], 'refunded', 'true')
 end

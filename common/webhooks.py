@@ -26,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 
 from common.errors import NotFound
 from common.keys import KeyStore
+from common.metrics import Recorder
 from common.netguard import Resolver, UnsafeUrl, check_url
 from common.settings import Settings
 from common.store import DUE_KEY, WAKE_KEY, attempts_key, delivery_key, webhooks_key
@@ -163,6 +164,7 @@ class Dispatcher:
         self.keys = KeyStore(client)
         self.resolver = resolver
         self._claim = client.register_script(_CLAIM)
+        self.metrics = Recorder(client)
         self.http = httpx.Client(
             follow_redirects=False,
             timeout=settings.webhook_timeout_seconds,
@@ -293,6 +295,8 @@ class Dispatcher:
             else:
                 pipe.zrem(DUE_KEY, delivery_id)
             pipe.execute()
+        outcome = "retry" if state == "pending" else state
+        self.metrics.inc("sdq_webhook_attempts_total", outcome=outcome)
         log.info(
             "webhook %s for job %s: attempt %d %s -> %s",
             delivery_id,

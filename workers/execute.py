@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,6 +17,7 @@ from PIL import Image
 
 from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError
 from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus, now
+from common.metrics import Recorder
 from common.settings import Settings
 from common.storage import Storage, object_key
 from common.store import JobStore
@@ -56,6 +58,7 @@ class WorkerContext:
     local: Runner | None
     remote: Callable[[str], Runner] | None = None
     tiers: Tiers = field(default_factory=load_tiers)
+    metrics: Recorder | None = None
 
 
 def generation_for(job: Job, scheduler: str = "euler") -> Generation:
@@ -118,6 +121,8 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         ctx.store.fail(job, message)
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
+    if ctx.metrics and started.attempts == 1:
+        ctx.metrics.observe("sdq_queue_wait_seconds", now() - job.created_at, tier=job.tier)
     tier = ctx.tiers.get(job.tier)
     generation = generation_for(job, tier.scheduler)
 
@@ -129,6 +134,7 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
 
     try:
         runner, reason = choose_runner(ctx, job, tier)
+        clock = time.monotonic()
         try:
             images = runner.generate(generation, on_step)
         except CudaOutOfMemory:
@@ -137,7 +143,9 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
             runner, reason = remote_runner(ctx, tier), "oom"
             log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
             images = runner.generate(generation, on_step)
+        generated = time.monotonic()
         results = upload(ctx, runner, job, images, generation.seeds)
+        uploaded = time.monotonic()
     except Canceled:
         log.info("job %s: canceled while running; stopped", job_id)
         return JobStatus.CANCELED
@@ -155,6 +163,13 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
     if not outcome.applied:
         log.info("job %s finished but is already %s", job_id, outcome.current.value)
         return outcome.current
+    if ctx.metrics:
+        labels = {"tier": job.tier, "backend": runner.backend}
+        ctx.metrics.observe("sdq_generation_seconds", generated - clock, **labels)
+        ctx.metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
+        ctx.metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
+        if reason is not None:
+            ctx.metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
     return JobStatus.SUCCEEDED
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from common.errors import ModelLoadError
+from common.metrics import Recorder
 from common.queue import GENERATE_TASK
 from common.redis import connect
 from common.settings import get_settings
@@ -44,6 +45,7 @@ def context() -> WorkerContext:
             local=local,
             remote=RemoteRunners(settings).for_url,
             tiers=load_tiers(settings.tiers_file),
+            metrics=Recorder(connect(settings.redis_url)),
         )
     return _context
 

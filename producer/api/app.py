@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
 
+from common.errors import SdqError
+from common.metrics import FleetCollector
 from common.settings import Settings, get_settings
 from common.webhooks import Dispatcher
 from producer.api import errors, health, hotpot, v1
 from producer.api.state import AppState
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Self-hosted Stable Diffusion XL. Two APIs:
@@ -31,6 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            # A fresh deployment (docker compose, Kubernetes) gets its bucket here.
+            await run_in_threadpool(state.storage.ensure_bucket)
+        except SdqError as exc:
+            log.warning("could not ensure the bucket: %s (see /readyz)", exc.message)
         stop = threading.Event()
         dispatcher = None
         if settings.webhook_dispatcher:
@@ -50,4 +62,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(hotpot.router_for(state.tiers))
     app.include_router(v1.router)
     app.include_router(health.router)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(FleetCollector(state.store.redis, state.tiers))
+
+    @app.get("/metrics", tags=["Health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics of the whole fleet (they are kept in Redis)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     return app

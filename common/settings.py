@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="user:password for Flower; required when it listens beyond loopback."
+    )
 
     log_level: str = "INFO"
 

@@ -384,22 +384,33 @@ def flower(
     host: Annotated[str | None, typer.Option(help="Bind address (SDQ_FLOWER_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (SDQ_FLOWER_PORT).")] = None,
 ) -> None:
-    """Run Flower on the workers' broker."""
+    """Run Flower on the workers' broker. Basic auth comes from SDQ_FLOWER_BASIC_AUTH; it is
+    required on any address but loopback."""
+    import ipaddress
     import os
 
     settings = get_settings()
-    # Flower 2 refuses its REST API without auth unless told otherwise; on loopback that is
-    # what a local operator wants.
-    os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    address = host or settings.flower_host
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    argv = ["flower", f"--address={address}", f"--port={port or settings.flower_port}"]
+    if settings.flower_basic_auth is not None:
+        argv.append(f"--basic-auth={settings.flower_basic_auth.get_secret_value()}")
+    elif loopback:
+        # Flower 2 refuses its REST API without auth unless told otherwise; on loopback,
+        # for a local operator, that is what is wanted.
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    else:
+        raise _fail(
+            f"Flower would listen on {address} without auth; "
+            "set SDQ_FLOWER_BASIC_AUTH=user:password",
+            2,
+        )
     from workers.celery_app import app as celery_app
 
-    celery_app.start(
-        [
-            "flower",
-            f"--address={host or settings.flower_host}",
-            f"--port={port or settings.flower_port}",
-        ]
-    )
+    celery_app.start(argv)
 
 
 @models_app.command("build-tiny")

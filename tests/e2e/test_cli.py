@@ -73,3 +73,9 @@ def test_build_tiny(env: dict[str, str], tmp_path: Path) -> None:
     result = sdq("models", "build-tiny", str(tmp_path / "m"), env=env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "model_index.json").is_file()
+
+
+def test_flower_refuses_a_public_address_without_auth(env: dict[str, str]) -> None:
+    result = sdq("flower", "--host", "0.0.0.0", env=env, timeout=60)
+    assert result.returncode == 2
+    assert "set SDQ_FLOWER_BASIC_AUTH=user:password" in result.stderr

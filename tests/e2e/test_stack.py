@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -26,18 +27,43 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def check_flower(port: int, job_id: str) -> None:
+    """Flower's REST API, unauthenticated on loopback: a worker per tier on its queue, and
+    the job's task, which carries the job id and no prompt."""
+    base = f"http://127.0.0.1:{port}"
+    workers = httpx.get(f"{base}/api/workers", params={"refresh": "true"}, timeout=30).json()
+    queues = {
+        name.split("@")[0]: [q["name"] for q in info.get("active_queues", [])]
+        for name, info in workers.items()
+    }
+    assert queues == {
+        "budget": ["sdq.budget"],
+        "normal": ["sdq.normal"],
+        "premium": ["sdq.premium"],
+    }
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{base}/api/tasks", timeout=10).json()
+        mine = [t for t in tasks.values() if job_id in str(t.get("args"))]
+        if mine and mine[0]["state"] == "SUCCESS":
+            break
+        time.sleep(0.5)
+    assert mine and mine[0]["name"] == "sdq.generate" and mine[0]["state"] == "SUCCESS", tasks
+    assert "astronaut" not in json.dumps(tasks).lower()
+
+
 def test_up_serves_the_seed_request_and_down_leaves_nothing(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
-    api_port, s3_port = free_port(), free_port()
+    api_port, s3_port, flower_port = free_port(), free_port(), free_port()
     env = {
         **base,
         "SDQ_HOME": str(tmp_path / "home"),
         "SDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "SDQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
         "SDQ_API_PORT": str(api_port),
-        "SDQ_FLOWER_PORT": str(free_port()),
+        "SDQ_FLOWER_PORT": str(flower_port),
         "SDQ_MODEL": str(tiny_model),
     }
     up = subprocess.run(
@@ -67,6 +93,7 @@ def test_up_serves_the_seed_request_and_down_leaves_nothing(
         job_id = response.headers["x-job-id"]
         assert S3Storage(settings).get(f"images/{job_id}/0.jpg").body == response.content
         assert (tmp_path / "home" / "valkey" / "appendonlydir").is_dir()  # AOF on
+        check_flower(flower_port, job_id)
     finally:
         down = subprocess.run([*SDQ, "down"], env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr

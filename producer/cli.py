@@ -53,7 +53,7 @@ def _logging() -> None:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
     return typer.Exit(code)
 
 

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 UP_ARGS ?=
 
-.PHONY: install up down test lint typecheck unit clean
+.PHONY: install up down test lint typecheck k8s clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/pytest
+
+k8s: install
+	$(BIN)/python infra/k8s/render.py > infra/k8s/workers.yaml
 
 clean:
 	rm -rf $(VENV) .sdq .pytest_cache .mypy_cache .ruff_cache *.egg-info

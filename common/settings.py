@@ -17,7 +17,9 @@ DEV_S3_SECRET = "sdq-dev-secret"
 class Settings(BaseSettings):
     """Configuration of every sdq process (API, worker, CLI, local stack)."""
 
-    model_config = SettingsConfigDict(env_prefix="SDQ_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SDQ_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     env: Literal["development", "production"] = "development"
     home: Path = Field(Path(".sdq"), description="Local state: the embedded servers' data, pids.")

@@ -1,0 +1,154 @@
+"""Render infra/k8s/workers.yaml from the tiers file: per tier, a worker Deployment pinned
+to the tier's GPU classes and a KEDA ScaledObject on its queue's length.
+
+    python infra/k8s/render.py [--tiers path/to/tiers.toml] > infra/k8s/workers.yaml
+
+Celery's Redis transport keeps one list per priority (``sdq.normal``, ``sdq.normal:1`` ...
+``sdq.normal:9``), so each ScaledObject reads all ten and sums them with a KEDA scaling
+modifier. Nodes carry their class as the label ``sdq.dev/gpu-class`` (t4, l4, a10g, l40s,
+a100, h100, h200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.queue import MAX_PRIORITY  # noqa: E402
+from common.tiers import Tier, load_tiers  # noqa: E402
+
+NAMESPACE = "sdq"
+IMAGE = "sdq-worker:latest"
+#: Longer than the longest job, so a scaled-down worker finishes what it runs.
+GRACE_SECONDS = 900
+JOBS_PER_WORKER = 2
+
+
+def priority_lists(queue: str) -> list[str]:
+    return [queue] + [f"{queue}:{p}" for p in range(1, MAX_PRIORITY + 1)]
+
+
+def deployment(tier: Tier) -> dict[str, Any]:
+    name = f"sdq-worker-{tier.name}"
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"app": name, "sdq.dev/tier": tier.name},
+        },
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "sdq.dev/tier": tier.name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": GRACE_SECONDS,
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "sdq.dev/gpu-class",
+                                                "operator": "In",
+                                                "values": list(tier.hardware),
+                                            }
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                    "tolerations": [
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    ],
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": IMAGE,
+                            "args": ["sdq", "worker", "--tier", tier.name],
+                            "envFrom": [
+                                {"configMapRef": {"name": "sdq-config"}},
+                                {"secretRef": {"name": "sdq-secrets"}},
+                            ],
+                            "resources": {
+                                "limits": {"nvidia.com/gpu": 1},
+                                "requests": {"cpu": "2", "memory": "16Gi"},
+                            },
+                            "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                        }
+                    ],
+                    "volumes": [{"name": "models", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def scaled_object(tier: Tier) -> dict[str, Any]:
+    lists = priority_lists(tier.queue)
+    triggers = [
+        {
+            "type": "redis",
+            "name": f"p{index}",
+            "metadata": {
+                "addressFromEnv": "SDQ_REDIS_ADDRESS",
+                "listName": queue,
+                "listLength": str(JOBS_PER_WORKER),
+            },
+        }
+        for index, queue in enumerate(lists)
+    ]
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": f"sdq-worker-{tier.name}",
+            "namespace": NAMESPACE,
+            "labels": {"sdq.dev/queue": tier.queue},
+        },
+        "spec": {
+            "scaleTargetRef": {"name": f"sdq-worker-{tier.name}"},
+            "minReplicaCount": 1,
+            "maxReplicaCount": 8,
+            "cooldownPeriod": 600,
+            "advanced": {
+                "scalingModifiers": {
+                    "formula": " + ".join(f"p{i}" for i in range(len(lists))),
+                    "target": str(JOBS_PER_WORKER),
+                    "metricType": "AverageValue",
+                }
+            },
+            "triggers": triggers,
+        },
+    }
+
+
+def render(tiers_file: Path | None) -> str:
+    documents: list[dict[str, Any]] = []
+    for tier in load_tiers(tiers_file):
+        documents += [deployment(tier), scaled_object(tier)]
+    header = "# Rendered by infra/k8s/render.py from the tiers file; do not edit by hand.\n"
+    return header + yaml.safe_dump_all(documents, sort_keys=False, width=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiers", type=Path, default=None)
+    sys.stdout.write(render(parser.parse_args().tiers))
+
+
+if __name__ == "__main__":
+    main()

@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+    log_json: bool = Field(False, description="One JSON object per log line.")
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

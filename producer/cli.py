@@ -45,10 +45,17 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings = get_settings()
+    handler = logging.StreamHandler()
+    if settings.log_json:
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(process)d %(message)s")
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # One line per health probe of `sdq up` is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

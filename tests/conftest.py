@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -114,9 +115,36 @@ def s3_endpoint(workdir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def env(workdir: Path, redis_url: str, s3_endpoint: str, tiny_model: Path) -> dict[str, str]:
+def broker(workdir: Path) -> Iterator[dict[str, str]]:
+    """Settings for the broker under test: the job store's Valkey by default; with
+    SDQ_TEST_BROKER (say amqp://guest:guest@127.0.0.1:5672//) that broker, with queues of
+    this session's own, deleted at the end."""
+    url = os.environ.get("SDQ_TEST_BROKER")
+    if not url:
+        yield {}
+        return
+    from kombu import Connection
+
+    from common.tiers import load_tiers
+
+    prefix = f"sdqtest-{uuid.uuid4().hex[:8]}"
+    builtin = (ROOT / "common" / "tiers.toml").read_text()
+    tiers_file = workdir / "tiers.toml"
+    tiers_file.write_text(builtin.replace('queue = "sdq.', f'queue = "{prefix}.'))
+    yield {"SDQ_BROKER_URL": url, "SDQ_TIERS_FILE": str(tiers_file)}
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for tier in load_tiers(tiers_file):
+            channel.queue_delete(tier.queue)
+
+
+@pytest.fixture(scope="session")
+def env(
+    workdir: Path, redis_url: str, s3_endpoint: str, tiny_model: Path, broker: dict[str, str]
+) -> dict[str, str]:
     """SDQ_* settings for subprocesses, pointing at this session's servers."""
     values = {
+        **broker,
         "SDQ_ENV": "development",
         "SDQ_HOME": str(workdir / "home"),
         "SDQ_REDIS_URL": redis_url,

@@ -21,3 +21,29 @@ def test_broker_defaults_to_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_storage_needs_a_directory() -> None:
     with pytest.raises(ValidationError, match="SDQ_LOCAL_STORAGE_DIR"):
         Settings(_env_file=None, storage_backend="local")  # type: ignore[call-arg]
+
+
+def test_json_logs_on_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import logging
+
+    from common.settings import get_settings
+    from producer.cli import _logging
+
+    monkeypatch.setenv("SDQ_LOG_JSON", "1")
+    get_settings.cache_clear()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        _logging()
+        logging.getLogger("workers.execute").info("job %s: attempt %d", "job_abc", 1)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        get_settings.cache_clear()
+    record = json.loads(line)
+    assert record["message"] == "job job_abc: attempt 1"
+    assert record["levelname"] == "INFO" and record["name"] == "workers.execute"

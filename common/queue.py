@@ -56,6 +56,13 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
+        # Ride out a broker restart when publishing (about 15 s) before giving up.
+        task_publish_retry_policy={
+            "max_retries": 10,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2.0,
+        },
         # The pipeline loads in worker_process_init; the parent must wait for it.
         worker_proc_alive_timeout=settings.worker_proc_alive_timeout,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,

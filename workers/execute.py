@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError
+from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError, StorageError
 from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus, now
 from common.metrics import Recorder
 from common.settings import Settings
@@ -91,7 +92,14 @@ def upload(
             "model": runner.model_name,
             "backend": runner.backend,
         }
-        ctx.storage.put(key, body, content_type, metadata)
+        put = Retrying(
+            retry=retry_if_exception_type(StorageError),
+            stop=stop_after_delay(ctx.settings.upload_retry_seconds),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            reraise=True,
+        )
+        # botocore retries a few times itself; an S3 restart can take longer than that.
+        put(ctx.storage.put, key, body, content_type, metadata)
         results.append(
             ImageResult(
                 index=index,

@@ -359,13 +359,16 @@ def worker(
         str | None,
         typer.Option(help="The GPU to pin (sets CUDA_VISIBLE_DEVICES): one worker per GPU."),
     ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Celery node name (default: TIERS@hostname).")
+    ] = None,
 ) -> None:
     """Run a Celery worker for a tier. Exits 2 when this machine's device may not serve it
     (unless the tier falls back to its remote API on `no_device`)."""
     from workers.main import run_worker
 
     _logging()
-    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level, gpu=gpu)
+    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level, gpu=gpu, name=name)
 
 
 @app.command()

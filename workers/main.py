@@ -15,7 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(
-    tier_names: list[str], *, concurrency: int = 1, loglevel: str = "INFO", gpu: str | None = None
+    tier_names: list[str],
+    *,
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    gpu: str | None = None,
+    name: str | None = None,
 ) -> None:
     """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one.
 
@@ -70,7 +75,7 @@ def run_worker(
             "--pool",
             "prefork",
             "--hostname",
-            f"{'+'.join(tier_names)}@%h",
+            name or f"{'+'.join(tier_names)}@%h",
             "--loglevel",
             loglevel,
             "--task-events",

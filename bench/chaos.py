@@ -1,0 +1,356 @@
+"""Chaos: submit jobs while killing workers, restarting Valkey and stopping S3, then count.
+
+Everything runs on loopback: its own Valkey (AOF on), its own SeaweedFS, the API, worker
+processes (prefork, one child) and a webhook receiver. Faults are spread over the run and
+logged with their time. The last line reads
+
+    300 submitted, 39 faults, 0 lost, D duplicate executions, 0 duplicate charges,
+    0 duplicate objects, 300 unique succeeded webhook ids
+
+and the exit status is non-zero if anything was lost, charged or stored twice. ``--canary``
+adds a job that runs longer than the visibility timeout, so Redis hands it to a second
+worker while the first still runs it: D must then be above 0, which proves the harness sees
+duplicates.
+
+    python bench/chaos.py                 # the full run (make chaos)
+    python bench/chaos.py --jobs 30 --child-kills 1 --main-kills 1 --valkey-restarts 1 --s3-stops 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.keys import KeyStore  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from common.storage import S3Storage  # noqa: E402
+from common.store import JobStore, key_jobs_key  # noqa: E402
+from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv  # noqa: E402
+from tests.receiver import Receiver  # noqa: E402
+
+SDQ = [sys.executable, "-m", "producer.cli"]
+T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - T0:7.2f}s] {message}", flush=True)
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, home: Path) -> None:
+        self.args = args
+        self.home = home
+        self.valkey_port = free_port()
+        self.weed_ports = WeedPorts.around(free_port())
+        self.api_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.valkey_port}/0"
+        self.s3_url = f"http://127.0.0.1:{self.weed_ports.s3}"
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SDQ_")},
+            "SDQ_ENV": "development",
+            "SDQ_HOME": str(home),
+            "SDQ_REDIS_URL": self.redis_url,
+            "SDQ_S3_ENDPOINT_URL": self.s3_url,
+            "SDQ_S3_ACCESS_KEY": "chaos",
+            "SDQ_S3_SECRET_KEY": "chaos-secret",
+            "SDQ_MODEL": str(home / "tiny-sdxl"),
+            "SDQ_VISIBILITY_TIMEOUT_SECONDS": str(args.visibility_timeout),
+            "SDQ_MAX_DELIVERIES": "6",
+            "SDQ_WEBHOOK_ALLOW_LOOPBACK": "1",
+            "SDQ_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+            "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
+            "SDQ_LOG_LEVEL": "INFO",
+        }
+        self.settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            redis_url=self.redis_url,
+            s3_endpoint_url=self.s3_url,
+            s3_access_key="chaos",
+            s3_secret_key="chaos-secret",  # type: ignore[arg-type]
+        )
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.faults: list[str] = []
+
+    # --- processes -------------------------------------------------------------------
+    def spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    def kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 20) -> None:
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def start_valkey(self) -> None:
+        self.spawn("valkey", valkey_argv(self.valkey_port, self.home / "valkey"))
+        until(lambda: redis.Redis.from_url(self.redis_url).ping(), 20, "valkey")
+
+    def start_worker(self, index: int) -> None:
+        name = f"worker{index}"
+        self.spawn(
+            name,
+            [*SDQ, "worker", "--tier", "budget", "--tier", "normal", "--name", f"{name}@chaos"],
+        )
+
+    def start(self) -> None:
+        (self.home / "valkey").mkdir(parents=True)
+        subprocess.run([*SDQ, "models", "build-tiny", str(self.home / "tiny-sdxl")], env=self.env,
+                       check=True, capture_output=True)  # fmt: skip
+        self.start_valkey()
+        self.spawn("weed", weed_argv(self.weed_ports, self.home / "weed", "chaos", "chaos-secret"))
+        until(lambda: S3Storage(self.settings).ensure_bucket() is None, 60, "seaweedfs")
+        self.spawn("api", [*SDQ, "api", "--port", str(self.api_port)])
+        until(lambda: httpx.get(f"{self.api_url}/readyz").status_code == 200, 60, "api")
+        for index in range(self.args.workers):
+            self.start_worker(index)
+        until(lambda: all("ready." in (self.home / f"worker{i}.log").read_text()
+                          for i in range(self.args.workers)), 120, "workers")  # fmt: skip
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, wait=25)
+
+    # --- faults ----------------------------------------------------------------------
+    def fault(self, message: str) -> None:
+        self.faults.append(message)
+        say(f"FAULT {len(self.faults)}: {message}")
+
+    def pool_children(self, name: str) -> list[int]:
+        parent = self.procs[name].pid
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == parent:
+                    children.append(int(entry.name))
+        return children
+
+    def kill_child(self) -> None:
+        name = random.choice([n for n in self.procs if n.startswith("worker")])
+        children = self.pool_children(name)
+        if not children:
+            self.fault(f"{name} had no pool child to kill (restarting)")
+            return
+        pid = random.choice(children)
+        os.kill(pid, signal.SIGKILL)
+        self.fault(f"SIGKILL pool child {pid} of {name}")
+
+    def kill_main(self) -> None:
+        name = random.choice([n for n in self.procs if n.startswith("worker")])
+        self.kill(name, signal.SIGKILL)
+        self.fault(f"kill -9 of {name}'s main process and its pool; restarted")
+        self.start_worker(int(name.removeprefix("worker")))
+
+    def restart_valkey(self) -> None:
+        self.kill("valkey", signal.SIGTERM)
+        self.fault("Valkey stopped (SIGTERM, AOF flushed) and restarted")
+        self.start_valkey()
+
+    def stop_s3(self) -> None:
+        pid = self.procs["weed"].pid
+        os.killpg(pid, signal.SIGSTOP)
+        self.fault("S3 server stopped (SIGSTOP) for 5 s")
+        time.sleep(5)
+        os.killpg(pid, signal.SIGCONT)
+
+    def run_faults(self, span: float, done: threading.Event) -> None:
+        a = self.args
+        plan = (
+            [self.kill_child] * a.child_kills + [self.kill_main] * a.main_kills
+            + [self.restart_valkey] * a.valkey_restarts + [self.stop_s3] * a.s3_stops
+        )  # fmt: skip
+        random.shuffle(plan)
+        if not plan:
+            return
+        gap = span / (len(plan) + 1)
+        for fault in plan:
+            if done.wait(gap):
+                return
+            try:
+                fault()
+            except Exception as exc:  # a fault that could not be made is logged, not fatal
+                say(f"fault {fault.__name__} failed: {exc}")
+
+
+def until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout}s")
+
+
+def submit(api_url: str, key: str, index: int, body: dict[str, Any]) -> str:
+    """POST /v1/jobs until it is accepted; the Idempotency-Key makes the retries safe."""
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            response = httpx.post(
+                f"{api_url}/v1/jobs",
+                json=body,
+                headers={"Authorization": key, "Idempotency-Key": f"chaos-{index}"},
+                timeout=60,
+            )
+            if response.status_code == 202:
+                return str(response.json()["id"])
+            error = f"{response.status_code} {response.text[:120]}"
+        except httpx.HTTPError as exc:
+            error = str(exc)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {index} never accepted: {error}")
+        time.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--child-kills", type=int, default=30)
+    parser.add_argument("--main-kills", type=int, default=5)
+    parser.add_argument("--valkey-restarts", type=int, default=3)
+    parser.add_argument("--s3-stops", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--visibility-timeout", type=int, default=15)
+    parser.add_argument(
+        "--canary", action="store_true", help="Add a job longer than the visibility timeout."
+    )
+    parser.add_argument("--timeout", type=float, default=840)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", help="Keep the servers' data and logs in this directory.")
+    args = parser.parse_args()
+    random.seed(args.seed)
+
+    with tempfile.TemporaryDirectory(prefix="sdq-chaos-") as tmp:
+        home = Path(args.keep) if args.keep else Path(tmp)
+        harness = Harness(args, home)
+        receiver = Receiver()
+        try:
+            harness.start()
+            say("stack up")
+            return run(harness, receiver, args)
+        finally:
+            harness.stop()
+            receiver.close()
+
+
+def run(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> int:
+    client = redis.Redis.from_url(harness.redis_url, decode_responses=True)
+    keys = KeyStore(client)
+    key, record = keys.create(100_000)
+    start_credits = record.credits
+    hook = receiver.url + "/chaos"
+    bodies = [
+        {"prompt": f"chaos {i}", "tier": "budget", "steps": args.steps, "seed": i,
+         "webhook_url": hook, "webhook_events": ["job.succeeded"]}
+        for i in range(args.jobs)
+    ]  # fmt: skip
+    if args.canary:
+        # Longer than the visibility timeout: Redis redelivers it to the other worker.
+        canary = {"prompt": "canary", "tier": "normal", "steps": 12, "width": 256, "height": 256}
+        bodies.append({**canary, "webhook_url": hook, "webhook_events": ["job.succeeded"]})
+    done = threading.Event()
+    faults = threading.Thread(target=harness.run_faults, args=(args.jobs * 0.12, done), daemon=True)
+    faults.start()
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda item: submit(harness.api_url, key, *item), enumerate(bodies)))
+    say(f"{len(ids)} jobs accepted")
+    store = JobStore(client)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            statuses = store.statuses(ids)
+        except redis.RedisError:
+            time.sleep(1)
+            continue
+        pending = sum(1 for s in statuses if s is None or not s.terminal)
+        if pending == 0 and not faults.is_alive():
+            break
+        if int(time.monotonic() - T0) % 10 == 0:
+            say(f"{pending} jobs not finished yet")
+        time.sleep(1)
+    say("every job ended")
+    done.set()
+    faults.join()
+    time.sleep(3)  # the last webhooks
+    jobs = store.get_many(ids)
+    lost = sum(1 for job in jobs if job is None or not job.status.terminal)
+    succeeded = [job for job in jobs if job is not None and job.status.value == "succeeded"]
+    failed = [job for job in jobs if job is not None and job.status.value == "failed"]
+    duplicates = sum(max(0, job.attempts - 1) for job in jobs if job is not None)
+    # Charges: one job per Idempotency-Key, and credits match what the jobs cost.
+    indexed = client.zcard(key_jobs_key(record.id))
+    spent = start_credits - keys.credits(record.id)
+    owed = sum(job.cost for job in jobs if job is not None and not job.refunded)
+    duplicate_charges = (indexed - len(ids)) + max(0, spent - owed)
+    storage = S3Storage(harness.settings)
+    objects: dict[str, int] = {}
+    for page in storage.client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket):
+        for item in page.get("Contents", []):
+            job_id = item["Key"].split("/")[1]
+            objects[job_id] = objects.get(job_id, 0) + 1
+    duplicate_objects = sum(count - 1 for count in objects.values() if count > 1)
+    duplicate_objects += len(set(objects) - {job.id for job in succeeded})
+    webhook_ids = {
+        r.headers["webhook-id"]
+        for r in receiver.at("/chaos")
+        if json.loads(r.body)["type"] == "job.succeeded"
+    }
+    if failed:
+        say(f"{len(failed)} failed (refunded): {sorted({job.error for job in failed})}")
+    counts = [
+        f"{len(ids)} submitted",
+        f"{len(harness.faults)} faults",
+        f"{lost} lost",
+        f"{duplicates} duplicate executions",
+        f"{duplicate_charges} duplicate charges",
+        f"{duplicate_objects} duplicate objects",
+        f"{len(webhook_ids)} unique succeeded webhook ids",
+    ]
+    print(", ".join(counts), flush=True)
+    ok = lost == 0 and duplicate_charges == 0 and duplicate_objects == 0
+    ok = ok and len(webhook_ids) == len(succeeded) and not failed
+    if args.canary and duplicates == 0:
+        say("canary: no duplicate execution seen; the harness cannot see duplicates")
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 UP_ARGS ?=
 
-.PHONY: install up down test lint typecheck k8s clean
+.PHONY: install up down test lint typecheck k8s chaos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,15 @@ test: lint typecheck
 	else \
 		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; \
 	fi
+
+# 300 jobs under 39 faults; prints one line and fails if anything was lost or doubled.
+chaos: install
+	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/chaos.py --jobs 20 --child-kills 0 --main-kills 0 --valkey-restarts 0 \
+		--s3-stops 0 --canary --visibility-timeout 4
+
+bench: install
+	$(BIN)/python bench/bench.py
 
 k8s: install
 	$(BIN)/python infra/k8s/render.py > infra/k8s/workers.yaml

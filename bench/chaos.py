@@ -286,7 +286,9 @@ def run(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> int:
         canary = {"prompt": "canary", "tier": "normal", "steps": 12, "width": 256, "height": 256}
         bodies.append({**canary, "webhook_url": hook, "webhook_events": ["job.succeeded"]})
     done = threading.Event()
-    faults = threading.Thread(target=harness.run_faults, args=(args.jobs * 0.12, done), daemon=True)
+    # Spread the faults over about the time the jobs take (two workers, ~1 s a job each).
+    span = args.jobs * 0.4
+    faults = threading.Thread(target=harness.run_faults, args=(span, done), daemon=True)
     faults.start()
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda item: submit(harness.api_url, key, *item), enumerate(bodies)))

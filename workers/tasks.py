@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.signals import worker_process_init
@@ -61,6 +62,13 @@ def load_model(**_: Any) -> None:
             # Jobs now fail with this message (refunded), or go to the tier's remote API
             # where its load_failed policy allows.
             log.error("%s", exc.message)
+
+
+@app.task(name="sdq.noop", ignore_result=True)
+def noop(sent_at: float) -> None:
+    """Does nothing but note how long its message took to start: the broker and Celery's own
+    latency, which ``bench/bench.py`` sets against a job's."""
+    context().store.redis.rpush("sdq:bench:noop", time.time() - sent_at)
 
 
 @app.task(name=GENERATE_TASK, ignore_result=True)

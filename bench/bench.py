@@ -1,0 +1,199 @@
+"""sdq against its baselines, measured side by side in one run (the tiny model, loopback).
+
+* queue overhead: enqueue-to-start latency of sdq jobs against raw Celery ``apply_async`` of
+  a no-op on the same broker;
+* throughput at 64x64: sdq end to end (API -> worker -> S3) against the same pipeline called
+  in a loop in one process;
+* API submit rate on ``/v1/jobs`` against raw ``apply_async`` from one process;
+* end-to-end overhead: submit -> image in S3 -> webhook received, minus the pipeline's own
+  time, p50 and p95.
+
+Prints a table and writes bench/results.json. Timings here are noisy; the ratios are what
+to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.chaos import Harness  # noqa: E402
+from common.keys import KeyStore  # noqa: E402
+from common.queue import make_celery  # noqa: E402
+from common.redis import connect  # noqa: E402
+from common.store import JobStore  # noqa: E402
+from common.tiers import load_tiers  # noqa: E402
+from tests.receiver import Receiver  # noqa: E402
+from workers.pipeline import Generation, SdxlRunner  # noqa: E402
+
+STEPS = 4
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def wait_started(store: JobStore, job_id: str) -> Any:
+    while True:
+        job = store.get(job_id)
+        if job.status.terminal:
+            return job
+        time.sleep(0.005)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--submits", type=int, default=300)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sdq-bench-") as tmp:
+        options = argparse.Namespace(workers=1, visibility_timeout=3600)
+        harness = Harness(options, Path(tmp))
+        receiver = Receiver()
+        try:
+            harness.start()
+            results = measure(harness, receiver, args)
+        finally:
+            harness.stop()
+            receiver.close()
+    table(results)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
+    client = connect(harness.redis_url)
+    store = JobStore(client)
+    key, _ = KeyStore(client).create(10**7)
+    celery = make_celery(harness.settings, load_tiers())
+    api = httpx.Client(base_url=harness.api_url, headers={"Authorization": key}, timeout=60)
+    body = {"prompt": "bench", "tier": "budget", "steps": STEPS}
+
+    # 1. Queue overhead, one at a time so it is latency and not queueing.
+    raw: list[float] = []
+    for _ in range(args.samples):
+        client.delete("sdq:bench:noop")
+        celery.send_task("sdq.noop", args=[time.time()], queue="sdq.budget")
+        while not (value := client.lpop("sdq:bench:noop")):
+            time.sleep(0.002)
+        raw.append(float(value))
+    ours: list[float] = []
+    for _ in range(args.samples):
+        job_id = api.post("/v1/jobs", json=body).json()["id"]
+        job = wait_started(store, job_id)
+        ours.append(job.started_at - job.created_at)
+
+    # 2. Throughput at 64x64: the stack against the pipeline in a loop.
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(
+            pool.map(lambda _: api.post("/v1/jobs", json=body).json()["id"], range(args.images))
+        )
+    for job_id in ids:
+        wait_started(store, job_id)
+    stack_rate = args.images / (time.perf_counter() - started)
+    runner = SdxlRunner(str(harness.home / "tiny-sdxl"))
+    runner.load()
+    generation = Generation("bench", None, 7.5, STEPS, None, None, [0], "dpmpp_2m")
+    runner.generate(generation)
+    pipeline_times = []
+    started = time.perf_counter()
+    for _ in range(args.images):
+        began = time.perf_counter()
+        runner.generate(generation)
+        pipeline_times.append(time.perf_counter() - began)
+    loop_rate = args.images / (time.perf_counter() - started)
+    pipeline = statistics.median(pipeline_times)
+
+    # 3. Submit rate: jobs for a tier no worker serves here, so nothing else competes.
+    parked = {"prompt": "parked", "tier": "premium", "steps": 1}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(lambda _: api.post("/v1/jobs", json=parked).status_code, range(args.submits))
+        )
+    submit_rate = args.submits / (time.perf_counter() - started)
+    assert set(codes) == {202}, codes
+    started = time.perf_counter()
+    for _ in range(args.submits):
+        celery.send_task("sdq.noop", args=[0.0], queue="sdq.bench.sink")
+    raw_rate = args.submits / (time.perf_counter() - started)
+    client.delete("sdq.bench.sink")
+
+    # 4. End to end: submit -> object in S3 -> webhook received, minus the pipeline.
+    hook = receiver.url + "/bench"
+    overheads = []
+    for index in range(args.samples // 2):
+        began = time.time()
+        job_id = api.post(
+            "/v1/jobs", json={**body, "webhook_url": hook, "webhook_events": ["job.succeeded"]}
+        ).json()["id"]
+        receiver.wait_for("/bench", index + 1, timeout=60)
+        arrived = receiver.at("/bench")[index].at
+        overheads.append(arrived - began - pipeline)
+        assert store.get(job_id).images
+
+    return {
+        "conditions": f"tiny SDXL, {STEPS} steps, 64x64, 1 worker (prefork, 1 child), loopback, 2 cores",
+        "queue_overhead": {
+            "sdq_p50_s": statistics.median(ours), "sdq_p99_s": pct(ours, 0.99),
+            "celery_p50_s": statistics.median(raw), "celery_p99_s": pct(raw, 0.99),
+            "ratio_p99": pct(ours, 0.99) / pct(raw, 0.99),
+        },
+        "throughput": {
+            "sdq_images_per_s": stack_rate, "loop_images_per_s": loop_rate,
+            "ratio": stack_rate / loop_rate,
+        },
+        "submit_rate": {
+            "sdq_per_s": submit_rate, "apply_async_per_s": raw_rate, "ratio": submit_rate / raw_rate,
+        },
+        "end_to_end_overhead": {
+            "pipeline_s": pipeline, "p50_s": statistics.median(overheads), "p95_s": pct(overheads, 0.95),
+        },
+    }  # fmt: skip
+
+
+def table(r: dict[str, Any]) -> None:
+    q, t, s, e = r["queue_overhead"], r["throughput"], r["submit_rate"], r["end_to_end_overhead"]
+    print(f"\n{r['conditions']}\n")
+    print("| measure | sdq | baseline | ratio | goal |")
+    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| enqueue-to-start p50 / p99 | {q['sdq_p50_s'] * 1000:.1f} / {q['sdq_p99_s'] * 1000:.1f} ms "
+        f"| {q['celery_p50_s'] * 1000:.1f} / {q['celery_p99_s'] * 1000:.1f} ms (raw Celery no-op) "
+        f"| {q['ratio_p99']:.2f}x (p99) | <= 1.5x |"
+    )
+    print(
+        f"| throughput at 64x64 | {t['sdq_images_per_s']:.2f} img/s | {t['loop_images_per_s']:.2f} img/s "
+        f"(pipeline in a loop) | {t['ratio']:.2f}x | >= 0.9x |"
+    )
+    print(
+        f"| submit rate | {s['sdq_per_s']:.0f}/s (POST /v1/jobs) | {s['apply_async_per_s']:.0f}/s "
+        f"(apply_async) | {s['ratio']:.2f}x | >= 0.5x |"
+    )
+    print(
+        f"| end-to-end overhead (submit -> S3 -> webhook, minus {e['pipeline_s'] * 1000:.0f} ms "
+        f"pipeline) | p50 {e['p50_s'] * 1000:.0f} ms, p95 {e['p95_s'] * 1000:.0f} ms | | | |"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,11 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             # Redis redelivers an unacked message after this long: it must exceed the
             # longest job plus its wait in the worker, or a running job runs twice.
             "visibility_timeout": settings.visibility_timeout_seconds,
+            # kombu sweeps for expired unacked messages every interval x throttle seconds
+            # (100 s by default): after a worker dies its job waited that long. Sweep often;
+            # the scan reads one small sorted set.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_seconds // 4)),
+            "unacked_restore_throttle": 1,
             # One list per priority, read highest first by every BRPOP: with prefetch 1 a
             # worker's next job is the highest-priority one waiting (Redis transport only).
             "priority_steps": list(range(MAX_PRIORITY + 1)),

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = Field(300.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
     upload_retry_seconds: float = Field(60.0, ge=0, description="Keep retrying an upload.")
-    visibility_timeout_seconds: int = Field(3600, ge=10)
+    visibility_timeout_seconds: int = Field(3600, ge=1)
     worker_proc_alive_timeout: float = Field(300.0, gt=0)
     worker_max_tasks_per_child: int | None = Field(None, ge=1)
 

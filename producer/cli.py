@@ -375,6 +375,7 @@ def worker(
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (SDQ_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (SDQ_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Run the HTTP API under uvicorn."""
     import uvicorn
@@ -386,6 +387,7 @@ def api(
         factory=True,
         host=host or settings.api_host,
         port=port or settings.api_port,
+        workers=workers,
         log_level=settings.log_level.lower(),
     )
 

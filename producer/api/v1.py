@@ -75,7 +75,7 @@ def list_jobs(
     key: Key,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobPage:
     """Your jobs, newest first."""
     jobs, next_cursor = state.store.list_for_key(key.id, limit=limit, offset=cursor, status=status)

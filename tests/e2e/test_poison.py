@@ -62,15 +62,21 @@ def poison_worker(
     ]
     proc = spawn(argv, log, worker_env)
     wait_until(lambda: "ready." in log.read_text(errors="replace"), 90, "poison worker", proc, log)
-    yield queue
+    yield queue, tiers
     assert proc.poll() is None, "the worker died with its job"
     stop(proc)
+    broker = worker_env.get("SDQ_BROKER_URL", "")
+    if broker.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker) as conn:
+            conn.channel().queue_delete(queue)
 
 
 def test_a_job_that_kills_its_worker_ends_failed_and_refunded(
-    poison_worker: str, store: JobStore, keys: KeyStore, settings: Settings
+    poison_worker: tuple[str, Path], store: JobStore, keys: KeyStore, settings: Settings
 ) -> None:
-    queue = poison_worker
+    queue, tiers = poison_worker
     key = keys.create(10)[1]
     request = JobRequest(prompt="POISON pill", steps=2)
     job = Job(
@@ -79,7 +85,8 @@ def test_a_job_that_kills_its_worker_ends_failed_and_refunded(
     )  # fmt: skip
     store.create([job])
     assert keys.credits(key.id) == 8
-    celery = make_celery(settings, load_tiers())
+    # The worker's tiers, so the queue is declared with the same arguments (RabbitMQ checks).
+    celery = make_celery(settings, load_tiers(tiers))
     celery.send_task(GENERATE_TASK, args=[job.id], queue=queue)
     deadline = time.monotonic() + 120
     while (current := store.get(job.id)).status is not JobStatus.FAILED:

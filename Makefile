@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 UP_ARGS ?=
 
-.PHONY: install up down test lint typecheck k8s chaos bench clean
+.PHONY: install up down test lint typecheck k8s chaos bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ chaos: install
 
 bench: install
 	$(BIN)/python bench/bench.py
+
+# 200 submissions/s for 60 s against the API on loopback.
+load: install
+	$(BIN)/python bench/load.py --rate 200 --duration 60
 
 k8s: install
 	$(BIN)/python infra/k8s/render.py > infra/k8s/workers.yaml

@@ -127,7 +127,8 @@ class Harness:
         self.start_valkey()
         self.spawn("weed", weed_argv(self.weed_ports, self.home / "weed", "chaos", "chaos-secret"))
         until(lambda: S3Storage(self.settings).ensure_bucket() is None, 60, "seaweedfs")
-        self.spawn("api", [*SDQ, "api", "--port", str(self.api_port)])
+        workers = str(getattr(self.args, "api_workers", 1))
+        self.spawn("api", [*SDQ, "api", "--port", str(self.api_port), "--workers", workers])
         until(lambda: httpx.get(f"{self.api_url}/readyz").status_code == 200, 60, "api")
         for index in range(self.args.workers):
             self.start_worker(index)

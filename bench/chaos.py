@@ -44,6 +44,7 @@ from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
 from common.store import JobStore, key_jobs_key  # noqa: E402
 from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv  # noqa: E402
+from tests.conftest import wait_until  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 
 SDQ = [sys.executable, "-m", "producer.cli"]
@@ -205,15 +206,7 @@ class Harness:
 
 
 def until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not ready after {timeout}s")
+    wait_until(check, timeout, what)
 
 
 def submit(api_url: str, key: str, index: int, body: dict[str, Any]) -> str:

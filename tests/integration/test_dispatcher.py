@@ -9,12 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.job import Job
 from common.keys import KeyStore
 from common.redis import connect
 from common.settings import Settings
 from common.store import DUE_KEY, JobStore, delivery_id
 from common.webhooks import Deliveries, Dispatcher, backoff, retry_after
+from tests.factories import queued_job
 
 
 @pytest.fixture
@@ -56,20 +57,8 @@ def canary() -> Iterator[tuple[int, list[int]]]:
 
 
 def job_with_webhook(store: JobStore, keys: KeyStore, url: str) -> Job:
-    request = JobRequest(prompt="x", webhook_url=url, webhook_events=["job.queued"])
-    job = Job(
-        id=new_job_id(),
-        key_id=keys.create(5)[1].id,
-        tier="normal",
-        status=JobStatus.QUEUED,
-        request=request,
-        seed=1,
-        steps=1,
-        cost=1,
-        created_at=now(),
-    )
-    store.create([job])  # straight into the store: the submit-time check is not involved
-    return job
+    # Straight into the store: the submit-time check is not involved.
+    return queued_job(store, keys, webhook_url=url, webhook_events=["job.queued"])
 
 
 def test_send_time_check_refuses_a_name_that_now_resolves_to_loopback(

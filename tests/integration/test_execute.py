@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from common.errors import ModelLoadError
-from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.job import Job, JobStatus
 from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
+from tests.factories import queued_job
 from workers.execute import WorkerContext, execute
 from workers.pipeline import Generation, SdxlRunner
 
@@ -36,21 +37,9 @@ class BrokenRunner:
 
 
 def queued(store: JobStore, keys: KeyStore, credits: int = 10, **fields: object) -> Job:
-    key = keys.create(credits)[1]
-    request = JobRequest.model_validate({"prompt": "a lighthouse at dusk", **fields})
-    job = Job(
-        id=new_job_id(),
-        key_id=key.id,
-        tier=request.tier,
-        status=JobStatus.QUEUED,
-        request=request,
-        seed=1234,
-        steps=3,
-        cost=2 * request.num_images,
-        created_at=now(),
+    return queued_job(
+        store, keys, credits=credits, seed=1234, steps=3, prompt="a lighthouse at dusk", **fields
     )
-    store.create([job])
-    return job
 
 
 def test_success_stores_images_in_s3(

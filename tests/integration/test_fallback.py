@@ -14,12 +14,13 @@ from PIL import Image
 from pydantic import SecretStr
 
 from common.errors import RemoteApiError
-from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.job import Job, JobStatus
 from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
 from common.tiers import Tiers
+from tests.factories import queued_job
 from tests.hotpot_standin import KEY, Failure, StandIn
 from workers.execute import WorkerContext, execute
 from workers.pipeline import CudaOutOfMemory, Generation, SdxlRunner
@@ -82,22 +83,9 @@ class OutOfMemory(Unloadable):
 def queued(
     store: JobStore, keys: KeyStore, *, allow_remote: bool = True, age: float = 0, **fields: object
 ) -> Job:
-    request = JobRequest.model_validate(
-        {"prompt": "a red kite", "allow_remote": allow_remote, "width": 96, "height": 64, **fields}
+    return queued_job(
+        store, keys, seed=7, age=age, allow_remote=allow_remote, width=96, height=64, **fields
     )
-    job = Job(
-        id=new_job_id(),
-        key_id=keys.create(10)[1].id,
-        tier="normal",
-        status=JobStatus.QUEUED,
-        request=request,
-        seed=7,
-        steps=2,
-        cost=2,
-        created_at=now() - age,
-    )
-    store.create([job])
-    return job
 
 
 OPEN: list[RemoteRunners] = []

@@ -9,26 +9,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.errors import JobTimeout
-from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.job import Job, JobStatus
 from common.keys import KeyStore
 from common.store import JobStore
 from producer.waiter import wait_for_end
+from tests.factories import queued_job
 
 
 def queued(store: JobStore, keys: KeyStore) -> Job:
-    job = Job(
-        id=new_job_id(),
-        key_id=keys.create(5)[1].id,
-        tier="normal",
-        status=JobStatus.QUEUED,
-        request=JobRequest(prompt="x"),
-        seed=1,
-        steps=1,
-        cost=1,
-        created_at=now(),
-    )
-    store.create([job])
-    return job
+    return queued_job(store, keys, prompt="x")
 
 
 def test_wakes_on_the_terminal_event(redis_url: str, store: JobStore, keys: KeyStore) -> None:

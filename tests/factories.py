@@ -1,0 +1,36 @@
+"""Jobs written straight into the job store, for tests that drive a worker or the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.keys import KeyStore
+from common.store import JobStore
+
+
+def queued_job(
+    store: JobStore,
+    keys: KeyStore,
+    *,
+    credits: int = 10,
+    seed: int = 1,
+    steps: int = 2,
+    age: float = 0.0,
+    **fields: Any,
+) -> Job:
+    """A queued job of a new key with ``credits``, charged 2 credits an image."""
+    request = JobRequest.model_validate({"prompt": "a red kite", **fields})
+    job = Job(
+        id=new_job_id(),
+        key_id=keys.create(credits)[1].id,
+        tier=request.tier,
+        status=JobStatus.QUEUED,
+        request=request,
+        seed=seed,
+        steps=steps,
+        cost=2 * request.num_images,
+        created_at=now() - age,
+    )
+    store.create([job])
+    return job

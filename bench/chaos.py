@@ -112,7 +112,7 @@ class Harness:
 
     def start_valkey(self) -> None:
         self.spawn("valkey", valkey_argv(self.valkey_port, self.home / "valkey"))
-        until(lambda: redis.Redis.from_url(self.redis_url).ping(), 20, "valkey")
+        wait_until(lambda: redis.Redis.from_url(self.redis_url).ping(), 20, "valkey")
 
     def start_worker(self, index: int) -> None:
         name = f"worker{index}"
@@ -127,13 +127,13 @@ class Harness:
                        check=True, capture_output=True)  # fmt: skip
         self.start_valkey()
         self.spawn("weed", weed_argv(self.weed_ports, self.home / "weed", "chaos", "chaos-secret"))
-        until(lambda: S3Storage(self.settings).ensure_bucket() is None, 60, "seaweedfs")
+        wait_until(lambda: S3Storage(self.settings).ensure_bucket() is None, 60, "seaweedfs")
         workers = str(getattr(self.args, "api_workers", 1))
         self.spawn("api", [*SDQ, "api", "--port", str(self.api_port), "--workers", workers])
-        until(lambda: httpx.get(f"{self.api_url}/readyz").status_code == 200, 60, "api")
+        wait_until(lambda: httpx.get(f"{self.api_url}/readyz").status_code == 200, 60, "api")
         for index in range(self.args.workers):
             self.start_worker(index)
-        until(lambda: all("ready." in (self.home / f"worker{i}.log").read_text()
+        wait_until(lambda: all("ready." in (self.home / f"worker{i}.log").read_text()
                           for i in range(self.args.workers)), 120, "workers")  # fmt: skip
 
     def stop(self) -> None:
@@ -203,10 +203,6 @@ class Harness:
                 fault()
             except Exception as exc:  # a fault that could not be made is logged, not fatal
                 say(f"fault {fault.__name__} failed: {exc}")
-
-
-def until(check: Any, timeout: float, what: str) -> None:
-    wait_until(check, timeout, what)
 
 
 def submit(api_url: str, key: str, index: int, body: dict[str, Any]) -> str:

@@ -147,7 +147,3 @@ def build_tiny(out_dir: Path) -> Path:
     pipeline.save_pretrained(out_dir)
     log.info("built the tiny SDXL pipeline in %s", out_dir)
     return out_dir
-
-
-def is_built(model_dir: Path) -> bool:
-    return (model_dir / "model_index.json").is_file()

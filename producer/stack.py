@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 import redis
+from celery import Celery
 
 from common.settings import Settings
 from common.storage import S3Storage
@@ -79,19 +81,15 @@ def _http_ready(url: str) -> Callable[[], bool]:
     return check
 
 
-def _worker_ready(settings: Settings, tier: str) -> Callable[[], bool]:
-    def check() -> bool:
-        from common.queue import make_celery
-        from common.tiers import load_tiers
+def _worker_ready(app: Celery, tier: str) -> Callable[[], bool]:
+    node = f"{tier}@{socket.gethostname()}"
 
-        app = make_celery(settings, load_tiers(settings.tiers_file))
+    def check() -> bool:
         try:
-            replies = app.control.ping(timeout=1.0)
+            # limit=1: answer at the first pong instead of waiting out the timeout.
+            return bool(app.control.ping(destination=[node], timeout=1.0, limit=1))
         except Exception:
             return False
-        finally:
-            app.close()
-        return any(name.startswith(f"{tier}@") for reply in replies for name in reply)
 
     return check
 
@@ -115,6 +113,7 @@ class Stack:
         self.home = settings.home.resolve()
         self.logs = self.home / "logs"
         self.state_file = self.home / "stack.json"
+        self.control: Celery | None = None  # pings the workers while they start
         # A Redis or S3 that already answers is used as it is; one on loopback that does not
         # answer is started here, embedded. A remote one is never started.
         self.embedded_redis = (
@@ -142,14 +141,21 @@ class Stack:
                 s.s3_secret_key.get_secret_value(),
             )
             servers.append(Service("seaweedfs", argv, _bucket_ready(s)))
+        from common.queue import make_celery
         from common.tiers import load_tiers
 
-        tiers = load_tiers(s.tiers_file).names
+        tiers = load_tiers(s.tiers_file)
+        # One app (one broker connection) for every readiness probe of every worker.
+        control = self.control = make_celery(s, tiers)
         api_url = f"http://{s.api_host}:{s.api_port}"
         apps = [Service("api", [*sdq, "api"], _http_ready(f"{api_url}/readyz"))]
         apps += [
-            Service(f"worker-{tier}", [*sdq, "worker", "--tier", tier], _worker_ready(s, tier))
-            for tier in tiers
+            Service(
+                f"worker-{tier}",
+                [*sdq, "worker", "--tier", tier],
+                _worker_ready(control, tier),
+            )
+            for tier in tiers.names
         ]
         apps.append(
             Service(
@@ -187,6 +193,9 @@ class Stack:
         except BaseException:
             self.stop(started)
             raise
+        finally:
+            if self.control is not None:
+                self.control.close()
         return started
 
     def _spawn(self, service: Service) -> None:

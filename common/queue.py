@@ -11,6 +11,7 @@ from kombu import Queue
 
 from common.settings import Settings
 from common.tiers import Tiers
+from common.transport import NAME as REDIS_TRANSPORT
 
 GENERATE_TASK = "sdq.generate"
 MAX_PRIORITY = 9
@@ -60,6 +61,7 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             "sep": ":",
             "queue_order_strategy": "priority",
         },
+        broker_transport=REDIS_TRANSPORT if broker.startswith("redis://") else None,
         broker_connection_retry_on_startup=True,
         # Ride out a broker restart when publishing (about 15 s) before giving up.
         task_publish_retry_policy={

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+_RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
+
+
+def _options(retry: type[Retry] | type[AsyncRetry], retries: int) -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "retry": retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
+        "retry_on_error": _RETRY_ON,
+    }
 
 
 @lru_cache(maxsize=8)
@@ -14,10 +28,10 @@ def connect(url: str, retries: int = 20) -> redis.Redis:
     """A client with decoded responses, shared per URL. Commands ride out a restart of the
     server (connection errors, and LOADING while it replays its AOF) with backoff, about
     30 s in all by default."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
-    )
+    return redis.Redis.from_url(url, **_options(Retry, retries))
+
+
+def connect_async(url: str, retries: int = 20) -> aioredis.Redis:
+    """``connect`` for asyncio code, with the same retries. One per event loop: asyncio
+    connections belong to the loop that made them, so this is not cached."""
+    return aioredis.Redis.from_url(url, **_options(AsyncRetry, retries))

@@ -10,7 +10,8 @@ from common.keys import ApiKey
 from producer.api.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+# Both dependencies are async on purpose: a sync one costs a thread-pool hop per request.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.sdq
     return state
 
@@ -18,7 +19,7 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def authenticate(
+async def authenticate(
     state: State,
     authorization: Annotated[
         str | None,
@@ -26,7 +27,7 @@ def authenticate(
     ] = None,
 ) -> ApiKey:
     """The key in the Authorization header: 401 when missing, 403 when unknown."""
-    return state.keys.authenticate(authorization)
+    return await state.auth.authenticate(authorization)
 
 
 Key = Annotated[ApiKey, Depends(authenticate)]

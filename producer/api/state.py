@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from celery import Celery
 
-from common.keys import KeyStore
+from common.keys import AsyncKeyAuth, KeyStore
 from common.queue import make_celery
-from common.redis import connect
+from common.redis import connect, connect_async
 from common.settings import Settings
 from common.storage import Storage, make_storage
 from common.store import JobStore
@@ -24,6 +24,7 @@ class AppState:
     tiers: Tiers
     store: JobStore
     keys: KeyStore
+    auth: AsyncKeyAuth
     storage: Storage
     celery: Celery
     jobs: JobService
@@ -40,14 +41,16 @@ class AppState:
             idempotency_ttl=settings.idempotency_ttl_seconds,
         )
         celery = make_celery(settings, tiers)
+        aclient = connect_async(settings.redis_url)
         return cls(
             settings=settings,
             tiers=tiers,
             store=store,
             keys=KeyStore(client),
+            auth=AsyncKeyAuth(aclient),
             storage=make_storage(settings),
             celery=celery,
             jobs=JobService(settings, store, tiers, celery),
             deliveries=Deliveries(client),
-            aioredis=aioredis.Redis.from_url(settings.redis_url, decode_responses=True),
+            aioredis=aclient,
         )

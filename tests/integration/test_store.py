@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 
@@ -10,7 +11,8 @@ import redis
 
 from common.errors import AuthError, Forbidden, InsufficientCredits
 from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import ApiKey, KeyStore
+from common.keys import ApiKey, AsyncKeyAuth, KeyStore
+from common.redis import connect_async
 from common.store import JobStore, events_key, job_key
 
 
@@ -173,7 +175,33 @@ def test_keys_are_stored_hashed(keys: KeyStore, rclient: redis.Redis) -> None:
     ("header", "error"),
     [(None, AuthError), ("", AuthError), ("Bearer ", AuthError), ("sdq_not-a-key", Forbidden)],
 )
-def test_bad_credentials(keys: KeyStore, header: str | None, error: type[Exception]) -> None:
+def test_bad_credentials(
+    keys: KeyStore, redis_url: str, header: str | None, error: type[Exception]
+) -> None:
     with pytest.raises(error) as info:
         keys.authenticate(header)
     assert type(info.value) is error
+    with pytest.raises(error) as info:
+        asyncio.run(_authenticate_async(redis_url, header))
+    assert type(info.value) is error
+
+
+async def _authenticate_async(redis_url: str, header: str | None) -> ApiKey:
+    client = connect_async(redis_url)
+    try:
+        return await AsyncKeyAuth(client).authenticate(header)
+    finally:
+        await client.aclose()
+
+
+def test_async_auth_matches_the_sync_one(keys: KeyStore, redis_url: str) -> None:
+    raw, record = keys.create(5, name="async")
+    for header in (raw, f"Bearer {raw}"):
+        assert asyncio.run(_authenticate_async(redis_url, header)) == keys.authenticate(header)
+    assert keys.authenticate(raw) == record
+    # A key whose record is gone (deleted by an operator) is refused, not half-read.
+    keys.redis.delete(f"sdq:apikey:{record.id}")
+    with pytest.raises(Forbidden):
+        asyncio.run(_authenticate_async(redis_url, raw))
+    with pytest.raises(Forbidden):
+        keys.authenticate(raw)

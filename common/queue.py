@@ -12,6 +12,7 @@ from kombu import Queue
 from common.settings import Settings
 from common.tiers import Tiers
 from common.transport import NAME as REDIS_TRANSPORT
+from common.transport import PRIORITY_SEP, PRIORITY_STEPS
 
 GENERATE_TASK = "sdq.generate"
 MAX_PRIORITY = 9
@@ -57,8 +58,8 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             "unacked_restore_throttle": 1,
             # One list per priority, read highest first by every BRPOP: with prefetch 1 a
             # worker's next job is the highest-priority one waiting (Redis transport only).
-            "priority_steps": list(range(MAX_PRIORITY + 1)),
-            "sep": ":",
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
         broker_transport=REDIS_TRANSPORT if broker.startswith("redis://") else None,

@@ -137,7 +137,8 @@ end
 # its jobs index, the idempotency record, the batch record. ARGV: total cost, the request
 # digest ('' without an Idempotency-Key), idempotency TTL, timestamp, now, delivery TTL,
 # the batch's JSON ('' for none), n, then per job: id, created_at, fields as a JSON object,
-# queued-event delivery id. Returns {1, credits_left}, {0, credits} when the key cannot
+# queued-event delivery id, and the broker list and task message to push ('' and '' when
+# the caller publishes itself). Returns {1, credits_left}, {0, credits} when the key cannot
 # pay, {2, record} when the Idempotency-Key was seen, {-1} for an unknown key.
 _CREATE = (
     _LUA_EVENT
@@ -155,8 +156,9 @@ local left = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
 local n = tonumber(ARGV[8])
 local ids = {}
 for j = 0, n - 1 do
-  local base = 9 + j * 4
+  local base = 9 + j * 6
   local id, fields = ARGV[base], cjson.decode(ARGV[base + 2])
+  if ARGV[base + 4] ~= '' then redis.call('LPUSH', ARGV[base + 4], ARGV[base + 5]) end
   local jobkey = 'sdq:job:' .. id
   for name, value in pairs(fields) do redis.call('HSET', jobkey, name, value) end
   redis.call('ZADD', KEYS[2], ARGV[base + 1], id)
@@ -293,11 +295,14 @@ class JobStore:
         *,
         idempotency: tuple[str, str] | None = None,
         batch: dict[str, Any] | None = None,
+        messages: Sequence[tuple[str, str]] | None = None,
     ) -> Created:
         """Debit the jobs' cost from their key and store them as queued, all or none.
 
         ``idempotency`` is ``(token, request digest)``: a token seen before returns the jobs
-        it created, or raises ``Conflict`` when it came with another request.
+        it created, or raises ``Conflict`` when it came with another request. ``messages``,
+        one ``(broker list, payload)`` per job, are pushed in the same atomic step, when the
+        broker is this Redis (``common.transport.task_message``).
         """
         key_id = jobs[0].key_id
         token, digest = idempotency or ("", "")
@@ -311,11 +316,12 @@ class JobStore:
             json.dumps(batch) if batch else "",
             len(jobs),
         ]
-        for job in jobs:
+        for job, message in zip(jobs, messages or [("", "")] * len(jobs), strict=True):
             fields = {
                 name: json.dumps(value) for name, value in job.model_dump(mode="json").items()
             }
-            args += [job.id, job.created_at, json.dumps(fields), delivery_id(job.id, "job.queued")]
+            queued = delivery_id(job.id, "job.queued")
+            args += [job.id, job.created_at, json.dumps(fields), queued, *message]
         keys = [
             apikey_key(key_id),
             key_jobs_key(key_id),

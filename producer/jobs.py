@@ -26,6 +26,7 @@ from common.queue import GENERATE_TASK, broker_priority
 from common.settings import Settings
 from common.store import JobStore, Transition, batch_key, request_digest
 from common.tiers import Tiers
+from common.transport import task_message
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class JobService:
         self.store = store
         self.tiers = tiers
         self.celery = celery
+        broker = settings.effective_broker_url
+        #: When the broker is the job store's own Redis, a job's task message is pushed in
+        #: the Lua step that charges and records it: queued means enqueued, even if this
+        #: process dies between the two. Any other broker gets a publish just after.
+        self.enqueue_in_store = broker == settings.redis_url and broker.startswith("redis://")
 
     def prepare(self, key: ApiKey, request: JobRequest, batch_id: str | None = None) -> Job:
         """The job ``request`` would become, with tier defaults and limits applied."""
@@ -99,16 +105,24 @@ class JobService:
                 "job_ids": [job.id for job in jobs],
                 "created_at": jobs[0].created_at,
             }
-        created = self.store.create(jobs, idempotency=idempotency, batch=record)
+        messages = None
+        if self.enqueue_in_store:
+            messages = [self._message(job) for job in jobs]
+        created = self.store.create(jobs, idempotency=idempotency, batch=record, messages=messages)
         if created.replayed:
             replayed = [job for job in self.store.get_many(created.job_ids) if job is not None]
             if not replayed:
                 raise Conflict("the jobs of this Idempotency-Key have expired; use a new key")
             return Submitted(replayed, None, replayed=True, batch_id=replayed[0].batch_id)
-        self._enqueue(jobs)
+        if messages is None:
+            self._publish(jobs)
         return Submitted(jobs, created.credits, batch_id=batch_id)
 
-    def _enqueue(self, jobs: list[Job]) -> None:
+    def _message(self, job: Job) -> tuple[str, str]:
+        priority = broker_priority(job.request.priority, self.settings.effective_broker_url)
+        return task_message(GENERATE_TASK, [job.id], self.tiers.get(job.tier).queue, priority)
+
+    def _publish(self, jobs: list[Job]) -> None:
         broker = self.settings.effective_broker_url
         for index, job in enumerate(jobs):
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 
@@ -12,8 +13,10 @@ import redis
 from common.errors import AuthError, Forbidden, InsufficientCredits
 from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
 from common.keys import ApiKey, AsyncKeyAuth, KeyStore
+from common.queue import GENERATE_TASK
 from common.redis import connect_async
 from common.store import JobStore, events_key, job_key
+from common.transport import task_message
 
 
 @pytest.fixture
@@ -58,6 +61,29 @@ def test_insufficient_credits_changes_nothing(
     assert keys.credits(key.id) == 3
     assert not rclient.exists(job_key(job.id))
     assert not rclient.exists(events_key(job.id))
+
+
+def test_task_messages_are_pushed_with_the_record_or_not_at_all(
+    store: JobStore, rclient: redis.Redis, account
+) -> None:
+    queue = "sdq.test.outbox"
+    rclient.delete(queue)
+    poor = make_job(account(1), cost=4)
+    with pytest.raises(InsufficientCredits):
+        store.create([poor], messages=[task_message(GENERATE_TASK, [poor.id], queue, 0)])
+    assert rclient.llen(queue) == 0
+    key = account(10)
+    jobs = [make_job(key), make_job(key)]
+    messages = [task_message(GENERATE_TASK, [job.id], queue, 0) for job in jobs]
+    idempotency = ("token-outbox", "digest")
+    assert store.create(jobs, idempotency=idempotency, messages=messages).credits == 6
+    replayed = store.create(jobs, idempotency=idempotency, messages=messages)
+    assert replayed.replayed  # a replay pushes nothing more
+    pushed = [json.loads(raw) for raw in rclient.lrange(queue, 0, -1)]
+    assert sorted(m["headers"]["argsrepr"] for m in pushed) == sorted(
+        repr([job.id]) for job in jobs
+    )
+    rclient.delete(queue)
 
 
 def test_the_happy_path_logs_every_transition(store: JobStore, account) -> None:

@@ -14,7 +14,8 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
@@ -25,6 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from redis.client import Pipeline
 
 from common.tiers import Tiers
 
@@ -62,27 +64,48 @@ def _field(labels: dict[str, str], part: str = "") -> str:
 
 class Recorder:
     """What processes call to count and time things. A metric that cannot be written is
-    logged and dropped: metrics never fail a job."""
+    logged and dropped: metrics never fail a job. One per thread: ``batch`` holds state."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._pipe: Pipeline | None = None
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         assert name in COUNTERS, name
-        try:
-            self.redis.hincrbyfloat(PREFIX + name, _field(labels), amount)
-        except redis.RedisError as exc:
-            log.warning("metric %s not recorded: %s", name, exc)
+        self._write(name, lambda pipe: pipe.hincrbyfloat(PREFIX + name, _field(labels), amount))
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         assert name in HISTOGRAMS, name
         bucket = next((b for b in BUCKETS if seconds <= b), math.inf)
         key = PREFIX + name
+
+        def add(pipe: Pipeline) -> None:
+            pipe.hincrby(key, _field(labels, str(bucket)), 1)
+            pipe.hincrbyfloat(key, _field(labels, "sum"), seconds)
+            pipe.hincrby(key, _field(labels, "count"), 1)
+
+        self._write(name, add)
+
+    @contextmanager
+    def batch(self) -> Iterator[Recorder]:
+        """Metrics recorded inside go to Redis together, in one round trip at the end."""
+        self._pipe = self.redis.pipeline(transaction=False)
+        try:
+            yield self
+        finally:
+            pipe, self._pipe = self._pipe, None
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("metrics not recorded: %s", exc)
+
+    def _write(self, name: str, add: Callable[[Pipeline], object]) -> None:
+        if self._pipe is not None:
+            add(self._pipe)
+            return
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(key, _field(labels, str(bucket)), 1)
-                pipe.hincrbyfloat(key, _field(labels, "sum"), seconds)
-                pipe.hincrby(key, _field(labels, "count"), 1)
+                add(pipe)
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("metric %s not recorded: %s", name, exc)

@@ -173,11 +173,12 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         return outcome.current
     if ctx.metrics:
         labels = {"tier": job.tier, "backend": runner.backend}
-        ctx.metrics.observe("sdq_generation_seconds", generated - clock, **labels)
-        ctx.metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
-        ctx.metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
-        if reason is not None:
-            ctx.metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
+        with ctx.metrics.batch() as metrics:  # one round trip between this job and the next
+            metrics.observe("sdq_generation_seconds", generated - clock, **labels)
+            metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
+            metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
+            if reason is not None:
+                metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
     return JobStatus.SUCCEEDED
 
 

@@ -231,3 +231,27 @@ def test_async_auth_matches_the_sync_one(keys: KeyStore, redis_url: str) -> None
         asyncio.run(_authenticate_async(redis_url, raw))
     with pytest.raises(Forbidden):
         keys.authenticate(raw)
+
+
+def test_async_auth_remembers_known_keys_only(keys: KeyStore, redis_url: str) -> None:
+    raw, record = keys.create(5, name="cached")
+
+    async def scenario() -> None:
+        client = connect_async(redis_url)
+        auth = AsyncKeyAuth(client, ttl=0.3)
+        try:
+            assert (await auth.authenticate(raw)).id == record.id
+            keys.redis.delete(f"sdq:apikey:{record.id}")
+            # Within the TTL the remembered record answers (the job store's Lua step still
+            # refuses to charge a deleted key); after it, the key is refused.
+            assert (await auth.authenticate(raw)).id == record.id
+            await asyncio.sleep(0.4)
+            with pytest.raises(Forbidden):
+                await auth.authenticate(raw)
+            with pytest.raises(Forbidden):
+                await auth.authenticate("sdq_guess")
+            assert len(auth._known) == 0  # refusals are not remembered
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.chaos import Harness  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
-from common.queue import MAX_PRIORITY  # noqa: E402
 from common.redis import connect  # noqa: E402
 from common.store import JobStore  # noqa: E402
+from common.transport import PRIORITY_STEPS, queue_key  # noqa: E402
 
 
 async def fire(
@@ -87,11 +87,7 @@ def main() -> int:
             latencies, statuses, ids, elapsed = asyncio.run(fire(args, harness.api_url, key))
             store = JobStore(client)
             present = sum(1 for status in store.statuses(ids) if status is not None)
-            queued = sum(
-                int(client.llen(name))
-                for name in ["sdq.premium"]
-                + [f"sdq.premium:{p}" for p in range(1, MAX_PRIORITY + 1)]
-            )
+            queued = sum(int(client.llen(queue_key("sdq.premium", p))) for p in PRIORITY_STEPS)
         finally:
             harness.stop()
     errors = sum(1 for s in statuses if s != 202)

@@ -15,7 +15,7 @@ from common.transport import NAME as REDIS_TRANSPORT
 from common.transport import PRIORITY_SEP, PRIORITY_STEPS
 
 GENERATE_TASK = "sdq.generate"
-MAX_PRIORITY = 9
+MAX_PRIORITY = PRIORITY_STEPS[-1]
 
 
 def is_amqp(broker_url: str) -> bool:

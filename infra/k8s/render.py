@@ -21,8 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.queue import MAX_PRIORITY  # noqa: E402
 from common.tiers import Tier, load_tiers  # noqa: E402
+from common.transport import PRIORITY_STEPS, queue_key  # noqa: E402
 
 NAMESPACE = "sdq"
 IMAGE = "sdq-worker:latest"
@@ -32,7 +32,7 @@ JOBS_PER_WORKER = 2
 
 
 def priority_lists(queue: str) -> list[str]:
-    return [queue] + [f"{queue}:{p}" for p in range(1, MAX_PRIORITY + 1)]
+    return [queue_key(queue, p) for p in PRIORITY_STEPS]
 
 
 def deployment(tier: Tier) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from common.errors import Conflict, InsufficientCredits, NotFound
 from common.job import EVENT_TYPES, PROGRESS, TERMINAL, ImageResult, Job, JobStatus, now
@@ -280,6 +281,7 @@ class JobStore:
         finished_ttl: int = 7 * 86400,
         idempotency_ttl: int = 86400,
         delivery_ttl: int = 9 * 86400,
+        aio: aioredis.Redis | None = None,
     ) -> None:
         self.redis = client
         self.finished_ttl = finished_ttl
@@ -288,6 +290,7 @@ class JobStore:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._progress = client.register_script(_PROGRESS)
+        self._acreate = aio.register_script(_CREATE) if aio is not None else None
 
     def create(
         self,
@@ -304,6 +307,32 @@ class JobStore:
         one ``(broker list, payload)`` per job, are pushed in the same atomic step, when the
         broker is this Redis (``common.transport.task_message``).
         """
+        keys, args = self._create_call(jobs, idempotency, batch, messages)
+        code, value = self._create(keys=keys, args=args)
+        return self._created(jobs, idempotency, code, value)
+
+    async def acreate(
+        self,
+        jobs: Sequence[Job],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        batch: dict[str, Any] | None = None,
+        messages: Sequence[tuple[str, str]] | None = None,
+    ) -> Created:
+        """``create`` on the asyncio client given as ``aio``: no thread for the API's submit."""
+        if self._acreate is None:
+            raise RuntimeError("this JobStore was made without an asyncio client (aio=)")
+        keys, args = self._create_call(jobs, idempotency, batch, messages)
+        code, value = await self._acreate(keys=keys, args=args)
+        return self._created(jobs, idempotency, code, value)
+
+    def _create_call(
+        self,
+        jobs: Sequence[Job],
+        idempotency: tuple[str, str] | None,
+        batch: dict[str, Any] | None,
+        messages: Sequence[tuple[str, str]] | None,
+    ) -> tuple[list[str], list[Any]]:
         key_id = jobs[0].key_id
         token, digest = idempotency or ("", "")
         args: list[Any] = [
@@ -328,17 +357,22 @@ class JobStore:
             idempotency_key(key_id, token) if token else "sdq:idem:none",
             batch_key(batch["id"]) if batch else "sdq:batch:none",
         ]
-        code, value = self._create(keys=keys, args=args)
+        return keys, args
+
+    @staticmethod
+    def _created(
+        jobs: Sequence[Job], idempotency: tuple[str, str] | None, code: int, value: Any
+    ) -> Created:
         if code == -1:
-            raise NotFound(f"no API key {key_id}")
+            raise NotFound(f"no API key {jobs[0].key_id}")
         if code == 0:
-            cost = args[0]
+            cost = sum(job.cost for job in jobs)
             raise InsufficientCredits(
                 f"not enough credits: this request costs {cost}, the key has {value}"
             )
         if code == 2:
             seen_digest, _, ids = str(value).partition(" ")
-            if seen_digest != digest:
+            if idempotency is None or seen_digest != idempotency[1]:
                 raise Conflict(
                     "this Idempotency-Key was already used with a different request; "
                     "use a new key for a new request"

@@ -7,7 +7,9 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
+from functools import partial
 
+import anyio
 from celery import Celery
 
 from common.errors import Conflict, NotFound, QueueUnavailable
@@ -24,11 +26,22 @@ from common.keys import ApiKey
 from common.netguard import check_url
 from common.queue import GENERATE_TASK, broker_priority
 from common.settings import Settings
-from common.store import JobStore, Transition, batch_key, request_digest
+from common.store import Created, JobStore, Transition, batch_key, request_digest
 from common.tiers import Tiers
 from common.transport import task_message
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Plan:
+    """What ``submit`` hands the job store."""
+
+    jobs: list[Job]
+    idempotency: tuple[str, str] | None
+    record: dict[str, object] | None
+    messages: list[tuple[str, str]] | None
+    batch_id: str | None
 
 
 @dataclass
@@ -91,6 +104,39 @@ class JobService:
         With an ``idempotency_key``, the same key and body return the jobs the first request
         made (and charge nothing); the same key with another body raises ``Conflict``.
         """
+        plan = self._plan(key, requests, idempotency_key, batch)
+        created = self.store.create(
+            plan.jobs, idempotency=plan.idempotency, batch=plan.record, messages=plan.messages
+        )
+        return self._finish(plan, created)
+
+    async def submit_async(
+        self,
+        key: ApiKey,
+        requests: list[JobRequest],
+        *,
+        idempotency_key: str | None = None,
+        batch: bool = False,
+    ) -> Submitted:
+        """``submit`` for the event loop. The common case (no webhook URL, the store's own
+        Redis as broker) runs the create script on the asyncio client; a webhook URL to
+        resolve, a publish to another broker, or a replay to read takes a worker thread, as
+        each blocks."""
+        if not self.enqueue_in_store or any(r.webhook_url is not None for r in requests):
+            return await anyio.to_thread.run_sync(
+                partial(self.submit, key, requests, idempotency_key=idempotency_key, batch=batch)
+            )
+        plan = self._plan(key, requests, idempotency_key, batch)
+        created = await self.store.acreate(
+            plan.jobs, idempotency=plan.idempotency, batch=plan.record, messages=plan.messages
+        )
+        if created.replayed:
+            return await anyio.to_thread.run_sync(self._finish, plan, created)
+        return self._finish(plan, created)
+
+    def _plan(
+        self, key: ApiKey, requests: list[JobRequest], idempotency_key: str | None, batch: bool
+    ) -> _Plan:
         batch_id = f"batch_{secrets.token_hex(12)}" if batch else None
         jobs = [self.prepare(key, request, batch_id) for request in requests]
         idempotency = None
@@ -105,18 +151,19 @@ class JobService:
                 "job_ids": [job.id for job in jobs],
                 "created_at": jobs[0].created_at,
             }
-        messages = None
-        if self.enqueue_in_store:
-            messages = [self._message(job) for job in jobs]
-        created = self.store.create(jobs, idempotency=idempotency, batch=record, messages=messages)
+        messages = [self._message(job) for job in jobs] if self.enqueue_in_store else None
+        return _Plan(jobs, idempotency, record, messages, batch_id)
+
+    def _finish(self, plan: _Plan, created: Created) -> Submitted:
+        """Read back a replay's jobs, or publish new ones to a broker other than the store."""
         if created.replayed:
             replayed = [job for job in self.store.get_many(created.job_ids) if job is not None]
             if not replayed:
                 raise Conflict("the jobs of this Idempotency-Key have expired; use a new key")
             return Submitted(replayed, None, replayed=True, batch_id=replayed[0].batch_id)
-        if messages is None:
-            self._publish(jobs)
-        return Submitted(jobs, created.credits, batch_id=batch_id)
+        if plan.messages is None:
+            self._publish(plan.jobs)
+        return Submitted(plan.jobs, created.credits, batch_id=plan.batch_id)
 
     def _message(self, job: Job) -> tuple[str, str]:
         priority = broker_priority(job.request.priority, self.settings.effective_broker_url)

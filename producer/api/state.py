@@ -35,13 +35,14 @@ class AppState:
     def build(cls, settings: Settings) -> AppState:
         tiers = load_tiers(settings.tiers_file)
         client = connect(settings.redis_url)
+        aclient = connect_async(settings.redis_url)
         store = JobStore(
             client,
             finished_ttl=settings.job_ttl_seconds,
             idempotency_ttl=settings.idempotency_ttl_seconds,
+            aio=aclient,
         )
         celery = make_celery(settings, tiers)
-        aclient = connect_async(settings.redis_url)
         return cls(
             settings=settings,
             tiers=tiers,

@@ -55,8 +55,10 @@ def replay_headers(response: Response, replayed: bool) -> None:
         response.headers["Idempotent-Replayed"] = "true"
 
 
+# The submits are async: the create script runs on the asyncio client, where a sync handler
+# would pay two thread-pool hops (the handler, then FastAPI's response validation).
 @router.post("/jobs", status_code=202, response_model=JobView)
-def create_job(
+async def create_job(
     body: JobRequest,
     state: State,
     key: Key,
@@ -64,7 +66,7 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobView:
     """Queue a job. Follow it with `GET /v1/jobs/{id}`, its events, or its webhook."""
-    submitted = state.jobs.submit(key, [body], idempotency_key=idempotency_key)
+    submitted = await state.jobs.submit_async(key, [body], idempotency_key=idempotency_key)
     replay_headers(response, submitted.replayed)
     return view(state, submitted.jobs[0], submitted.credits)
 
@@ -161,7 +163,7 @@ def _terminal(event: dict[str, Any]) -> bool:
 
 
 @router.post("/batches", status_code=202, response_model=BatchView, tags=["Batches"])
-def create_batch(
+async def create_batch(
     body: BatchRequest,
     state: State,
     key: Key,
@@ -170,10 +172,12 @@ def create_batch(
 ) -> BatchView:
     """Queue many jobs at once: all are charged and queued, or none (429 when the credits
     do not cover them all)."""
-    submitted = state.jobs.submit(key, body.jobs, idempotency_key=idempotency_key, batch=True)
+    submitted = await state.jobs.submit_async(
+        key, body.jobs, idempotency_key=idempotency_key, batch=True
+    )
     replay_headers(response, submitted.replayed)
     assert submitted.batch_id is not None
-    return batch_view(state, key, submitted.batch_id, submitted.credits)
+    return await run_in_threadpool(batch_view, state, key, submitted.batch_id, submitted.credits)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchView, tags=["Batches"])

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from common.errors import AuthError, Forbidden, InsufficientCredits
+from common.errors import AuthError, Conflict, Forbidden, InsufficientCredits
 from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
 from common.keys import ApiKey, AsyncKeyAuth, KeyStore
 from common.queue import GENERATE_TASK
@@ -255,3 +255,40 @@ def test_async_auth_remembers_known_keys_only(keys: KeyStore, redis_url: str) ->
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_async_create_is_the_same_step(
+    store: JobStore, keys: KeyStore, rclient: redis.Redis, redis_url: str, account
+) -> None:
+    queue = "sdq.test.outbox-async"
+    rclient.delete(queue)
+    key = account(5)
+    first, second, third = make_job(key, cost=2), make_job(key, cost=2), make_job(key, cost=2)
+
+    async def scenario() -> None:
+        client = connect_async(redis_url)
+        aio_store = JobStore(rclient, aio=client)
+        try:
+            message = [task_message(GENERATE_TASK, [first.id], queue, 0)]
+            created = await aio_store.acreate([first], idempotency=("t1", "d1"), messages=message)
+            assert created.credits == 3 and not created.replayed
+            again = await aio_store.acreate([first], idempotency=("t1", "d1"), messages=message)
+            assert again.replayed and again.job_ids == [first.id]
+            with pytest.raises(Conflict, match="already used with a different request"):
+                await aio_store.acreate([second], idempotency=("t1", "other"))
+            await aio_store.acreate([second])
+            with pytest.raises(InsufficientCredits, match="costs 2, the key has 1"):
+                await aio_store.acreate([third])
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert keys.credits(key.id) == 1
+    assert store.get(first.id).status is JobStatus.QUEUED
+    assert not rclient.exists(job_key(third.id))
+    assert [json.loads(m)["headers"]["argsrepr"] for m in rclient.lrange(queue, 0, -1)] == [
+        repr([first.id])
+    ]
+    rclient.delete(queue)
+    with pytest.raises(RuntimeError, match="without an asyncio client"):
+        asyncio.run(store.acreate([make_job(key)]))

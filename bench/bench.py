@@ -29,20 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.chaos import Harness  # noqa: E402
+from common.job import EVENT_TYPES, TERMINAL  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
 from common.queue import make_celery  # noqa: E402
 from common.redis import connect  # noqa: E402
-from common.store import JobStore  # noqa: E402
+from common.store import JobStore, events_channel  # noqa: E402
 from common.tiers import load_tiers  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 from workers.pipeline import Generation, SdxlRunner  # noqa: E402
 
 STEPS = 4
+TERMINAL_EVENTS = {EVENT_TYPES[status] for status in TERMINAL}
 ROUNDS = 4  # alternating rounds of each side for the throughput and submit ratios
 
 
@@ -86,6 +89,22 @@ async def flood(port: int, key: str, body: dict[str, Any], total: int, connectio
     started = time.perf_counter()
     await asyncio.gather(*(connection() for _ in range(connections)))
     return total / (time.perf_counter() - started)
+
+
+def wait_all(client: redis.Redis, store: JobStore, job_ids: list[str]) -> None:
+    """Until every job has ended, woken by the jobs' own events rather than by polling: a
+    poll every few ms would take CPU from the worker it is measuring (torch runs one thread
+    per core here, so any other busy process stalls it)."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    # Subscribe before reading, so that an ending between the two is not missed.
+    pubsub.subscribe(*(events_channel(job_id) for job_id in job_ids))
+    try:
+        while not all(s is not None and s.terminal for s in store.statuses(job_ids)):
+            while (message := pubsub.get_message(timeout=1.0)) is not None:
+                if json.loads(message["data"])["type"] in TERMINAL_EVENTS:
+                    break
+    finally:
+        pubsub.close()
 
 
 def wait_started(store: JobStore, job_id: str) -> Any:
@@ -160,8 +179,7 @@ def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> d
             ids = list(
                 pool.map(lambda _: api.post("/v1/jobs", json=body).json()["id"], range(per_round))
             )
-        while not all(s is not None and s.terminal for s in store.statuses(ids)):
-            time.sleep(0.02)  # light polling: the bench must not steal the worker's CPU
+        wait_all(client, store, ids)
         stack_s += time.perf_counter() - started
         for _ in range(per_round):
             began = time.perf_counter()

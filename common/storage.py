@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from common.errors import NotFound, StorageError
 from common.settings import Settings
@@ -70,6 +71,11 @@ class S3Storage:
             )
 
         self.client = client(settings.s3_endpoint_url)
+        # botocore asks for "Expect: 100-continue" on every PUT with a body: one more round
+        # trip, and the interim answer read a byte per syscall, about half of a small
+        # image's upload. It only saves sending a large body to a server that refuses it;
+        # ours are images of a few MB at most, so they go in one request.
+        self.client.meta.events.unregister("before-call.s3", add_expect_header)
         # Presigned URLs carry the host in their signature, so they are signed for the
         # address clients use when it differs from the one workers use.
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url

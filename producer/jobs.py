@@ -186,7 +186,7 @@ class JobService:
                 raise QueueUnavailable(job_id=job.id) from exc
 
     def cancel(self, key: ApiKey, job_id: str) -> Transition:
-        """Cancel a queued job at once, a running one at its next step; refunded once."""
+        """Cancel a queued job at once, a running one within two steps; refunded once."""
         job = self.owned(key, job_id)
         outcome = self.store.cancel(job)
         if not outcome.applied:

@@ -25,12 +25,9 @@ from common.store import JobStore
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.encode import encode
 from workers.pipeline import CudaOutOfMemory, Generation, StepCallback
+from workers.progress import Canceled, StepReporter
 
 log = logging.getLogger(__name__)
-
-
-class Canceled(Exception):
-    """Raised from the step callback when the job was canceled while it ran."""
 
 
 class Runner(Protocol):
@@ -134,23 +131,18 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
     tier = ctx.tiers.get(job.tier)
     generation = generation_for(job, tier.scheduler)
 
-    def on_step(step: int, total: int) -> None:
-        # One round trip per step publishes progress and learns of a cancel.
-        status = ctx.store.progress(job, step, total)
-        if status is not JobStatus.RUNNING:
-            raise Canceled()
-
     try:
         runner, reason = choose_runner(ctx, job, tier)
         clock = time.monotonic()
-        try:
-            images = runner.generate(generation, on_step)
-        except CudaOutOfMemory:
-            if not (job.request.allow_remote and tier.falls_back("oom")):
-                raise
-            runner, reason = remote_runner(ctx, tier), "oom"
-            log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
-            images = runner.generate(generation, on_step)
+        with StepReporter(ctx.store, job) as on_step:
+            try:
+                images = runner.generate(generation, on_step)
+            except CudaOutOfMemory:
+                if not (job.request.allow_remote and tier.falls_back("oom")):
+                    raise
+                runner, reason = remote_runner(ctx, tier), "oom"
+                log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
+                images = runner.generate(generation, on_step)
         generated = time.monotonic()
         results = upload(ctx, runner, job, images, generation.seeds)
         uploaded = time.monotonic()

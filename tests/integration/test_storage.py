@@ -46,3 +46,14 @@ def test_urls_are_signed_for_the_public_endpoint(settings: Settings) -> None:
     public = settings.model_copy(update={"s3_public_endpoint_url": "https://images.example.com"})
     url = S3Storage(public).url("images/job_x/0.jpg")
     assert url.startswith("https://images.example.com/sdq-test/images/job_x/0.jpg?")
+
+
+def test_small_uploads_go_in_one_request(storage: S3Storage) -> None:
+    sent: list[dict[str, str]] = []
+    storage.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
+    storage.put("tests/one-request.png", b"\x89PNG" * 1000, "image/png", {})
+    assert storage.get("tests/one-request.png").body == b"\x89PNG" * 1000
+    # No "Expect: 100-continue": it costs a round trip per image for nothing.
+    assert len(sent) == 1 and "Expect" not in sent[0]

@@ -1,0 +1,77 @@
+"""Step reporting off the device's path, against a real Valkey."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from common.job import JobStatus
+from common.keys import KeyStore
+from common.store import JobStore, events_channel
+from tests.factories import queued_job
+from workers.progress import Canceled, StepReporter
+
+
+def running(store: JobStore, keys: KeyStore):
+    job = queued_job(store, keys, steps=8)
+    assert store.start(job).applied
+    return job
+
+
+def test_every_step_is_published_in_order_before_the_reporter_closes(
+    store: JobStore, keys: KeyStore, rclient: redis.Redis
+) -> None:
+    job = running(store, keys)
+    pubsub = rclient.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events_channel(job.id))
+    try:
+        with StepReporter(store, job) as on_step:
+            for step in range(1, 9):
+                on_step(step, 8)
+        # Leaving the block waited for all eight: they are already out, in order.
+        steps = []
+        deadline = time.monotonic() + 2
+        while len(steps) < 8 and time.monotonic() < deadline:
+            if (message := pubsub.get_message(timeout=0.1)) is None:
+                continue  # the subscription's confirmation, or nothing yet
+            event = json.loads(message["data"])
+            assert event["type"] == "job.progress"
+            steps.append(event["data"]["progress"]["step"])
+    finally:
+        pubsub.close()
+    assert steps == list(range(1, 9))
+    assert store.get(job.id).progress == {"step": 8, "total": 8}
+
+
+def test_a_cancel_stops_the_loop_within_two_steps(store: JobStore, keys: KeyStore) -> None:
+    job = running(store, keys)
+    reached = 0
+    with pytest.raises(Canceled), StepReporter(store, job) as on_step:
+        for step in range(1, 9):
+            on_step(step, 8)
+            reached = step
+            if step == 3:
+                store.cancel(job)
+            time.sleep(0.05)  # a denoising step: the store's answer arrives meanwhile
+    assert reached in (3, 4)  # canceled during step 3: stopped at step 4 or 5
+    assert store.get(job.id).status is JobStatus.CANCELED
+
+
+def test_a_redis_outage_loses_steps_not_the_job(
+    store: JobStore, keys: KeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = running(store, keys)
+    unreachable = JobStore(redis.Redis(port=1, retry=Retry(NoBackoff(), 0)))
+    with StepReporter(unreachable, job) as on_step:
+        on_step(1, 8)
+        on_step(2, 8)
+    assert not any(r.levelname == "ERROR" for r in caplog.records)
+    refused = "Error 111 connecting to localhost:1. Connection refused."
+    assert [r.getMessage() for r in caplog.records if "not published" in r.getMessage()] == [
+        f"job {job.id}: step {step} not published: {refused}" for step in (1, 2)
+    ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -29,7 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.job import Job  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
@@ -53,6 +58,37 @@ T0 = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[{time.monotonic() - T0:7.2f}s] {message}", flush=True)
+
+
+@dataclass
+class Fault:
+    at: float  # time.time()
+    kind: str
+    message: str
+
+
+def duplicate_causes(store: JobStore, jobs: list[Job | None], faults: list[Fault]) -> Counter[str]:
+    """Each re-run of a job, put down to the first fault between its previous start and this
+    one (the one that cut the run short; the re-run waits for the visibility timeout, so
+    later faults may fall in between too): at-least-once promises a re-run only after a kill, a restart or an outage (or, in
+    the canary, a job that outlives the visibility timeout)."""
+    causes: Counter[str] = Counter()
+    for job in jobs:
+        if job is None or job.attempts < 2:
+            continue
+        starts = [
+            datetime.fromisoformat(event["timestamp"]).timestamp()
+            for event in store.events(job.id)
+            if event["type"] == "job.started"
+        ]
+        for previous, again in itertools.pairwise(starts):
+            between = [fault for fault in faults if previous <= fault.at <= again]
+            causes[between[0].kind if between else "no fault (the visibility timeout)"] += 1
+            if not between:
+                say(
+                    f"job {job.id} started again {again - previous:.1f}s later with no fault between"
+                )
+    return causes
 
 
 class Harness:
@@ -89,7 +125,7 @@ class Harness:
             s3_secret_key="chaos-secret",  # type: ignore[arg-type]
         )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.faults: list[str] = []
+        self.faults: list[Fault] = []
 
     # --- processes -------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str]) -> None:
@@ -141,8 +177,8 @@ class Harness:
             self.kill(name, wait=25)
 
     # --- faults ----------------------------------------------------------------------
-    def fault(self, message: str) -> None:
-        self.faults.append(message)
+    def fault(self, kind: str, message: str) -> None:
+        self.faults.append(Fault(time.time(), kind, message))
         say(f"FAULT {len(self.faults)}: {message}")
 
     def pool_children(self, name: str) -> list[int]:
@@ -162,27 +198,27 @@ class Harness:
         name = random.choice([n for n in self.procs if n.startswith("worker")])
         children = self.pool_children(name)
         if not children:
-            self.fault(f"{name} had no pool child to kill (restarting)")
+            self.fault("no child", f"{name} had no pool child to kill (restarting)")
             return
         pid = random.choice(children)
         os.kill(pid, signal.SIGKILL)
-        self.fault(f"SIGKILL pool child {pid} of {name}")
+        self.fault("pool child kill", f"SIGKILL pool child {pid} of {name}")
 
     def kill_main(self) -> None:
         name = random.choice([n for n in self.procs if n.startswith("worker")])
         self.kill(name, signal.SIGKILL)
-        self.fault(f"kill -9 of {name}'s main process and its pool; restarted")
+        self.fault("worker kill -9", f"kill -9 of {name}'s main process and its pool; restarted")
         self.start_worker(int(name.removeprefix("worker")))
 
     def restart_valkey(self) -> None:
         self.kill("valkey", signal.SIGTERM)
-        self.fault("Valkey stopped (SIGTERM, AOF flushed) and restarted")
+        self.fault("Valkey restart", "Valkey stopped (SIGTERM, AOF flushed) and restarted")
         self.start_valkey()
 
     def stop_s3(self) -> None:
         pid = self.procs["weed"].pid
         os.killpg(pid, signal.SIGSTOP)
-        self.fault("S3 server stopped (SIGSTOP) for 5 s")
+        self.fault("S3 stop", "S3 server stopped (SIGSTOP) for 5 s")
         time.sleep(5)
         os.killpg(pid, signal.SIGCONT)
 
@@ -335,6 +371,12 @@ def run(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> int:
         f"{duplicate_objects} duplicate objects",
         f"{len(webhook_ids)} unique succeeded webhook ids",
     ]
+    causes = duplicate_causes(store, jobs, harness.faults)
+    if causes:
+        say(
+            "duplicate executions by cause: "
+            + ", ".join(f"{n} after {c}" for c, n in causes.most_common())
+        )
     print(", ".join(counts), flush=True)
     ok = lost == 0 and duplicate_charges == 0 and duplicate_objects == 0
     ok = ok and len(webhook_ids) == len(succeeded) and not failed

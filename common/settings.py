@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     # Network addresses of the local stack.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_keep_alive_seconds: int = Field(
+        75,
+        ge=1,
+        description="How long the API keeps an idle HTTP connection open. Keep it above the "
+        "idle timeout of any load balancer in front (60 s on AWS ALB): uvicorn's 5 s default "
+        "makes the balancer, or a pooled client, send on a connection just being closed.",
+    )
     flower_host: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: SecretStr | None = Field(

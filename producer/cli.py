@@ -389,6 +389,7 @@ def api(
         port=port or settings.api_port,
         workers=workers,
         log_level=settings.log_level.lower(),
+        timeout_keep_alive=settings.api_keep_alive_seconds,
     )
 
 

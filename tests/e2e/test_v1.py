@@ -93,3 +93,16 @@ def test_health_and_docs(api_url: str) -> None:
     body = spec["paths"]["/stable-diffusion-normal"]["post"]["requestBody"]["content"]
     assert "inputText" in body["multipart/form-data"]["schema"]["properties"]
     assert httpx.get(f"{api_url}/docs").status_code == 200
+
+
+def test_idle_connections_outlive_uvicorns_default(api_url: str) -> None:
+    # A load balancer, or a pooled client, reuses a connection after a pause; uvicorn's
+    # default closed it after 5 s and the reuse met a reset (SDQ_API_KEEP_ALIVE_SECONDS).
+    limits = httpx.Limits(keepalive_expiry=30)  # httpx's own default drops it after 5 s
+    with httpx.Client(base_url=api_url, limits=limits) as client:
+        first = client.get("/healthz").extensions["network_stream"].get_extra_info("client_addr")
+        time.sleep(6)
+        again = client.get("/healthz")
+        assert again.status_code == 200
+        # The same connection answered: the server had not closed it.
+        assert again.extensions["network_stream"].get_extra_info("client_addr") == first

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -182,9 +182,10 @@ return {1, left}
 )
 
 # Compare-and-set a job's status. KEYS: job, events, key hash. ARGV: to, ttl, refund,
-# count attempt, event type, timestamp, channel, delivery id, now, delivery TTL, n, the
-# n allowed current statuses, then field/value pairs. Returns {1, attempts, credits}
-# (credits -1 when nothing was refunded), {0, current} when refused, {-1} when missing.
+# delivery (count an attempt, return the job), event type, timestamp, channel, delivery id,
+# now, delivery TTL, n, the n allowed current statuses, then field/value pairs. Returns
+# {1, attempts, credits, job fields} (credits -1 when nothing was refunded; the job's hash,
+# flat, for a delivery only), {0, current} when refused, {-1} when missing.
 _TRANSITION = (
     _LUA_EVENT
     + """
@@ -224,6 +225,7 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[1] .. ':webhooks', ttl)
 end
+if ARGV[4] == '1' then return {1, attempts, credits, redis.call('HGETALL', KEYS[1])} end
 return {1, attempts, credits}
 """
 )
@@ -253,6 +255,8 @@ class Transition:
     attempts: int = 0
     #: The key's credits after a refund made by this transition, or -1 when none was.
     credits: int = -1
+    #: The job as the transition left it; read in the same step, by ``start`` only.
+    job: Job | None = None
 
 
 @dataclass
@@ -263,6 +267,11 @@ class Created:
     job_ids: list[str]
     credits: int | None
     replayed: bool = False
+
+
+def _job(data: Mapping[Any, Any]) -> Job:
+    """A job from its hash, whose values are JSON."""
+    return Job.model_validate({name: json.loads(value) for name, value in data.items()})
 
 
 def request_digest(payload: Any) -> str:
@@ -386,7 +395,7 @@ class JobStore:
         data = self.redis.hgetall(job_key(job_id))
         if not data:
             raise NotFound(f"no job {job_id}")
-        return Job.model_validate({name: json.loads(value) for name, value in data.items()})
+        return _job(data)
 
     def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
         """Several jobs in one round trip; ``None`` for those that expired."""
@@ -394,10 +403,7 @@ class JobStore:
             for job_id in job_ids:
                 pipe.hgetall(job_key(job_id))
             rows = pipe.execute()
-        return [
-            Job.model_validate({k: json.loads(v) for k, v in row.items()}) if row else None
-            for row in rows
-        ]
+        return [_job(row) if row else None for row in rows]
 
     def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
         with self.redis.pipeline(transaction=False) as pipe:
@@ -433,15 +439,21 @@ class JobStore:
 
     def transition(
         self,
-        job: Job,
+        job: Job | str,
         to: JobStatus,
         *,
         allowed_from: Iterable[JobStatus],
         fields: dict[str, Any] | None = None,
         refund: bool = False,
-        count_attempt: bool = False,
+        delivery: bool = False,
     ) -> Transition:
-        """Move ``job`` to ``to`` if its current status is one of ``allowed_from``."""
+        """Move ``job`` (a job, or only its id when nothing is refunded) to ``to`` if its
+        current status is one of ``allowed_from``. ``delivery``: a worker received the job's
+        message; count an attempt and return the job as it now is."""
+        job_id = job if isinstance(job, str) else job.id
+        # The key hash is touched only to refund, which needs the job's key.
+        key_hash = apikey_key(job.key_id) if isinstance(job, Job) else "sdq:apikey:none"
+        assert not refund or isinstance(job, Job), "a refund needs the job's key"
         allowed = [json.dumps(s.value) for s in allowed_from]
         event = EVENT_TYPES[to]
         ttl = self.finished_ttl if to in TERMINAL else 0
@@ -450,16 +462,16 @@ class JobStore:
             flat += [name, json.dumps(value)]
         moment = now()
         result = self._transition(
-            keys=[job_key(job.id), events_key(job.id), apikey_key(job.key_id)],
+            keys=[job_key(job_id), events_key(job_id), key_hash],
             args=[
                 json.dumps(to.value),
                 ttl,
                 int(refund),
-                int(count_attempt),
+                int(delivery),
                 event,
                 iso(moment),
-                events_channel(job.id),
-                delivery_id(job.id, event),
+                events_channel(job_id),
+                delivery_id(job_id, event),
                 moment,
                 self.delivery_ttl,
                 len(allowed),
@@ -468,22 +480,31 @@ class JobStore:
             ],
         )
         if result[0] == -1:
-            raise NotFound(f"no job {job.id}")
+            raise NotFound(f"no job {job_id}")
         if result[0] == 0:
             current = JobStatus(json.loads(result[1]))
-            log.info("job %s: refused %s -> %s", job.id, current.value, to.value)
+            log.info("job %s: refused %s -> %s", job_id, current.value, to.value)
             return Transition(False, current)
-        log.info("job %s -> %s", job.id, to.value)
-        return Transition(True, to, attempts=int(result[1]), credits=int(result[2]))
+        log.info("job %s -> %s", job_id, to.value)
+        flat = result[3] if delivery else []
+        return Transition(
+            True,
+            to,
+            attempts=int(result[1]),
+            credits=int(result[2]),
+            job=_job(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None,
+        )
 
-    def start(self, job: Job) -> Transition:
-        """``queued -> running``; a redelivered running job counts one more attempt."""
+    def start(self, job_id: str) -> Transition:
+        """``queued -> running`` when a worker receives the job's message; a redelivered
+        running job counts one more attempt. The transition carries the job as it now is:
+        the worker reads and starts it in one round trip."""
         return self.transition(
-            job,
+            job_id,
             JobStatus.RUNNING,
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
             fields={"started_at": now()},
-            count_attempt=True,
+            delivery=True,
         )
 
     def succeed(

@@ -114,11 +114,21 @@ def upload(
 
 def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
     """Run job ``job_id`` to a terminal state; returns the state it ended in."""
-    job = ctx.store.get(job_id)
-    started = ctx.store.start(job)
+    if ctx.metrics is None:
+        return run(ctx, job_id, None)
+    # A job's metrics go to Redis together when it ends: one round trip between this job
+    # and the next, instead of one per figure.
+    with ctx.metrics.batch() as metrics:
+        return run(ctx, job_id, metrics)
+
+
+def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
+    started = ctx.store.start(job_id)  # reads the job in the same round trip
     if not started.applied:
         log.info("job %s: not started, it is %s", job_id, started.current.value)
         return started.current
+    job = started.job
+    assert job is not None
     if started.attempts > ctx.settings.max_deliveries:
         # The message came back after killing its worker too many times: stop the loop.
         message = f"gave up after {started.attempts - 1} deliveries: the worker was lost each time"
@@ -126,8 +136,8 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
         ctx.store.fail(job, message)
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
-    if ctx.metrics and started.attempts == 1:
-        ctx.metrics.observe("sdq_queue_wait_seconds", now() - job.created_at, tier=job.tier)
+    if metrics and started.attempts == 1:
+        metrics.observe("sdq_queue_wait_seconds", now() - job.created_at, tier=job.tier)
     tier = ctx.tiers.get(job.tier)
     generation = generation_for(job, tier.scheduler)
 
@@ -163,14 +173,13 @@ def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
     if not outcome.applied:
         log.info("job %s finished but is already %s", job_id, outcome.current.value)
         return outcome.current
-    if ctx.metrics:
+    if metrics:
         labels = {"tier": job.tier, "backend": runner.backend}
-        with ctx.metrics.batch() as metrics:  # one round trip between this job and the next
-            metrics.observe("sdq_generation_seconds", generated - clock, **labels)
-            metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
-            metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
-            if reason is not None:
-                metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
+        metrics.observe("sdq_generation_seconds", generated - clock, **labels)
+        metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
+        metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
+        if reason is not None:
+            metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
     return JobStatus.SUCCEEDED
 
 

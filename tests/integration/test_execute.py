@@ -84,7 +84,7 @@ def test_a_canceled_job_is_dropped(settings, store, keys, storage) -> None:
 def test_a_job_that_keeps_killing_workers_ends_failed(settings, store, keys, storage) -> None:
     job = queued(store, keys, credits=10)
     for _ in range(settings.max_deliveries):
-        store.start(job)  # each delivery whose worker died
+        store.start(job.id)  # each delivery whose worker died
     ctx = WorkerContext(settings, store, storage, BrokenRunner())
     assert execute(ctx, job.id) is JobStatus.FAILED
     failed = store.get(job.id)

@@ -19,7 +19,7 @@ from workers.progress import Canceled, StepReporter
 
 def running(store: JobStore, keys: KeyStore):
     job = queued_job(store, keys, steps=8)
-    assert store.start(job).applied
+    assert store.start(job.id).applied
     return job
 
 

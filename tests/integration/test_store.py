@@ -89,7 +89,12 @@ def test_task_messages_are_pushed_with_the_record_or_not_at_all(
 def test_the_happy_path_logs_every_transition(store: JobStore, account) -> None:
     job = make_job(account(5))
     store.create([job])
-    assert store.start(job).applied
+    started = store.start(job.id)
+    assert started.applied
+    # The worker reads the job in the same step: the record as the start left it.
+    assert started.job is not None and started.job.request == job.request
+    assert started.job.status is JobStatus.RUNNING and started.job.attempts == 1
+    assert started.job.started_at is not None and started.job.started_at >= job.created_at
     image = ImageResult(
         index=0,
         key="k",
@@ -115,9 +120,9 @@ def test_terminal_states_are_final(store: JobStore, keys: KeyStore, account) -> 
     key = account(5)
     job = make_job(key)
     store.create([job])
-    store.start(job)
+    store.start(job.id)
     store.succeed(job, [], backend="local", model="tiny")
-    for attempt in (store.start, store.cancel, lambda j: store.fail(j, "late")):
+    for attempt in (lambda j: store.start(j.id), store.cancel, lambda j: store.fail(j, "late")):
         outcome = attempt(job)
         assert not outcome.applied and outcome.current is JobStatus.SUCCEEDED
     assert store.get(job.id).status is JobStatus.SUCCEEDED
@@ -136,7 +141,7 @@ def test_failure_refunds_exactly_once(store: JobStore, keys: KeyStore, account) 
     key = account(5)
     job = make_job(key, cost=2)
     store.create([job])
-    store.start(job)
+    store.start(job.id)
     first = store.fail(job, "out of memory")
     assert first.applied and first.credits == 5
     assert not store.fail(job, "again").applied
@@ -168,8 +173,8 @@ def test_concurrent_cancels_refund_once(store: JobStore, keys: KeyStore, account
 def test_redelivery_counts_attempts(store: JobStore, account) -> None:
     job = make_job(account(5))
     store.create([job])
-    assert store.start(job).attempts == 1
-    assert store.start(job).attempts == 2  # the worker died; the broker redelivered
+    assert store.start(job.id).attempts == 1
+    assert store.start(job.id).attempts == 2  # the worker died; the broker redelivered
     assert store.get(job.id).attempts == 2
 
 

@@ -18,7 +18,7 @@ from common.store import JobStore
 from common.tiers import load_tiers
 from workers.celery_app import app
 from workers.execute import WorkerContext, execute
-from workers.pipeline import SdxlRunner
+from workers.pipeline import Generation, SdxlRunner
 from workers.remote import RemoteRunners
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,23 @@ def noop(sent_at: float) -> None:
     """Does nothing but note how long its message took to start: the broker and Celery's own
     latency, which ``bench/bench.py`` sets against a job's."""
     context().store.redis.rpush("sdq:bench:noop", time.time() - sent_at)
+
+
+@app.task(name="sdq.bench.pipeline", ignore_result=True)
+def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> None:
+    """Calls this process's pipeline ``images`` times in a row, as a plain loop would, and
+    pushes each call's seconds to the list ``reply_to``: the baseline that ``bench/bench.py``
+    sets sdq's throughput against, run by the very process and pipeline that run jobs."""
+    runner = context().local
+    if runner is None:
+        raise ModelLoadError("this worker has no local pipeline")
+    generation = Generation("bench", None, 7.5, steps, None, None, [0], scheduler)
+    times = []
+    for _ in range(images):
+        began = time.perf_counter()
+        runner.generate(generation)
+        times.append(time.perf_counter() - began)
+    context().store.redis.rpush(reply_to, *times)
 
 
 @app.task(name=GENERATE_TASK, ignore_result=True)

@@ -230,17 +230,20 @@ return {1, attempts, credits}
 """
 )
 
-# Record one denoising step of a running job and tell whoever listens. Returns the job's
-# status, so the worker learns of a cancel in the same round trip.
+# Record denoising steps of a running job, each its own event, and tell whoever listens.
+# ARGV: channel, delivery TTL, then per step: progress, timestamp, delivery id, time.
+# Returns the job's status, so the worker learns of a cancel in the same round trip.
 _PROGRESS = (
     _LUA_EVENT
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return false end
 if cur ~= '"running"' then return cur end
-redis.call('HSET', KEYS[1], 'progress', ARGV[1])
-emit(KEYS[1], '', ARGV[3], 'job.progress', ARGV[2], ARGV[4],
-     tonumber(ARGV[5]), tonumber(ARGV[6]), false)
+for i = 3, #ARGV, 4 do
+  redis.call('HSET', KEYS[1], 'progress', ARGV[i])
+  emit(KEYS[1], '', ARGV[1], 'job.progress', ARGV[i + 1], ARGV[i + 2],
+       tonumber(ARGV[i + 3]), tonumber(ARGV[2]), false)
+end
 return cur
 """
 )
@@ -540,8 +543,8 @@ class JobStore:
         )
 
     def cancel(self, job: Job) -> Transition:
-        """Cancel a queued or running job and refund it, once. A running job stops at its
-        next denoising step, when the worker's ``progress`` call sees the new status."""
+        """Cancel a queued or running job and refund it, once. A running job stops at the
+        denoising step after the worker's ``progress`` call sees the new status."""
         return self.transition(
             job,
             JobStatus.CANCELED,
@@ -550,20 +553,18 @@ class JobStore:
             refund=True,
         )
 
-    def progress(self, job: Job, step: int, total: int) -> JobStatus | None:
-        """Record a denoising step; returns the job's status (``None`` if it expired)."""
-        moment = now()
-        status = self._progress(
-            keys=[job_key(job.id)],
-            args=[
+    def progress(self, job: Job, steps: Sequence[tuple[int, int, float]]) -> JobStatus | None:
+        """Record denoising steps ``(step, total, time)`` in one round trip, each its own
+        ``job.progress`` event; returns the job's status (``None`` if it expired)."""
+        args: list[Any] = [events_channel(job.id), self.delivery_ttl]
+        for step, total, moment in steps:
+            args += [
                 json.dumps({"step": step, "total": total}),
                 iso(moment),
-                events_channel(job.id),
                 delivery_id(job.id, PROGRESS, step),
                 moment,
-                self.delivery_ttl,
-            ],
-        )
+            ]
+        status = self._progress(keys=[job_key(job.id)], args=args)
         return JobStatus(json.loads(status)) if status else None
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:

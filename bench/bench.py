@@ -194,9 +194,11 @@ def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> d
             args=[per_round, STEPS, budget.scheduler, reply],
             queue=budget.queue,
         )
-        if client.blpop([reply], timeout=600) is None:  # one RPUSH holds every time
+        answer = client.blpop([reply], timeout=600)  # one RPUSH holds every time
+        if answer is None:
             raise TimeoutError("the worker's pipeline loop did not answer")
-        times = [float(t) for t in client.lrange(reply, 0, -1)]
+        times = [float(answer[1]), *(float(t) for t in client.lrange(reply, 0, -1))]
+        assert len(times) == per_round, times
         loop_s += sum(times[1:])
         client.delete(reply)
 

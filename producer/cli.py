@@ -322,7 +322,7 @@ def status(job_id: str, key: ApiKeyOpt, url: ApiUrl = DEFAULT_URL) -> None:
 
 @app.command()
 def cancel(job_id: str, key: ApiKeyOpt, url: ApiUrl = DEFAULT_URL) -> None:
-    """Cancel a job (refunded); a running job stops within 0.1 s and two denoising steps."""
+    """Cancel a job (refunded); a running job stops within 0.1 s and one denoising step."""
     with _api(url, key) as client:
         job = client.cancel(job_id)
     err.print(f"{job.id} canceled")

@@ -186,7 +186,7 @@ class JobService:
                 raise QueueUnavailable(job_id=job.id) from exc
 
     def cancel(self, key: ApiKey, job_id: str) -> Transition:
-        """Cancel a queued job at once, a running one within 0.1 s and two steps; refunded
+        """Cancel a queued job at once, a running one within 0.1 s and one step; refunded
         once."""
         job = self.owned(key, job_id)
         outcome = self.store.cancel(job)

@@ -153,11 +153,10 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
                 runner, reason = remote_runner(ctx, tier), "oom"
                 log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
                 images = runner.generate(generation, on_step)
-            generated = time.monotonic()
-            # Inside the block: the last steps go out while the images are encoded and
-            # uploaded, and still before the job's terminal event.
-            results = upload(ctx, runner, job, images, generation.seeds)
-            uploaded = time.monotonic()
+        # Leaving the block sent the last steps: before the job's terminal event.
+        generated = time.monotonic()
+        results = upload(ctx, runner, job, images, generation.seeds)
+        uploaded = time.monotonic()
     except Canceled:
         log.info("job %s: canceled while running; stopped", job_id)
         return JobStatus.CANCELED

@@ -92,9 +92,10 @@ def get_job(job_id: str, state: State, key: Key) -> JobView:
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
 def cancel_job(job_id: str, state: State, key: Key) -> JobView:
-    """Cancel a queued job at once; a running one stops within 0.1 s and two denoising
-    steps (steps reach the store in batches, at most 0.1 s apart, without stopping the
-    device). The job's credits are refunded. A job that already ended answers 409."""
+    """Cancel a queued job at once; a running one stops within 0.1 s and one denoising
+    step (the worker reports steps in batches, at most 0.1 s apart, and learns of the
+    cancel from the store's answer). The job's credits are refunded. A job that already
+    ended answers 409."""
     outcome = state.jobs.cancel(key, job_id)
     credits = outcome.credits if outcome.credits >= 0 else None
     return view(state, state.store.get(job_id), credits, webhooks=True)

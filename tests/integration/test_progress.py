@@ -1,4 +1,4 @@
-"""Step reporting off the device's path, against a real Valkey."""
+"""Step reporting in batches, against a real Valkey."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_every_step_is_published_in_order_before_the_reporter_closes(
     assert store.get(job.id).progress == {"step": 8, "total": 8}
 
 
-def test_a_cancel_stops_the_loop_within_the_interval_and_two_steps(
+def test_a_cancel_stops_the_loop_within_the_interval_and_one_step(
     store: JobStore, keys: KeyStore
 ) -> None:
     job = running(store, keys)
@@ -63,9 +63,9 @@ def test_a_cancel_stops_the_loop_within_the_interval_and_two_steps(
             if step == 3:
                 store.cancel(job)
             time.sleep(0.05)  # a denoising step: the store's answer arrives meanwhile
-    # Canceled during step 3: the next batch (at most 0.1 s, two steps, later) sees it,
-    # and the step after it stops.
-    assert 3 <= reached <= 5
+    # Step 3 sent a batch (0.1 s in), then the cancel came: the next batch, 0.1 s and two
+    # 50 ms steps later, sees it and stops the loop in step 5's callback.
+    assert reached == 4
     assert store.get(job.id).status is JobStatus.CANCELED
 
 
@@ -82,3 +82,46 @@ def test_a_redis_outage_loses_steps_not_the_job(
     assert [r.getMessage() for r in caplog.records if "not published" in r.getMessage()] == [
         f"job {job.id}: steps 1, 2 not published: {refused}"
     ]
+
+
+def test_after_a_refused_batch_steps_wait_for_the_end_of_the_job(
+    store: JobStore, keys: KeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outage must not cost every step its retries: one try while the job runs, one at
+    # its end.
+    job = running(store, keys)
+    unreachable = JobStore(redis.Redis(port=1, retry=Retry(NoBackoff(), 0)))
+    with StepReporter(unreachable, job, interval=0) as on_step:
+        for step in range(1, 5):
+            on_step(step, 4)
+    refused = "Error 111 connecting to localhost:1. Connection refused."
+    assert [r.getMessage() for r in caplog.records if "not published" in r.getMessage()] == [
+        f"job {job.id}: steps 1 not published: {refused}",
+        f"job {job.id}: steps 2, 3, 4 not published: {refused}",
+    ]
+
+
+def test_steps_go_out_in_batches_at_most_an_interval_apart(
+    store: JobStore, keys: KeyStore, rclient: redis.Redis
+) -> None:
+    job = running(store, keys)
+    with StepReporter(store, job, interval=0.1) as on_step:
+        for step in range(1, 9):
+            on_step(step, 8)
+            if step == 4:
+                # Four quick steps are held: nothing in the store yet.
+                assert store.get(job.id).progress is None
+                time.sleep(0.11)
+        # Step 5 came 0.1 s after the start: it sent steps 1-5; 6-8 are held.
+        assert store.get(job.id).progress == {"step": 5, "total": 8}
+    assert store.get(job.id).progress == {"step": 8, "total": 8}
+
+
+def test_a_cancel_learnt_when_the_block_ends_skips_what_follows(
+    store: JobStore, keys: KeyStore
+) -> None:
+    job = running(store, keys)
+    with pytest.raises(Canceled), StepReporter(store, job) as on_step:
+        on_step(1, 8)  # held: the interval has not passed
+        store.cancel(job)
+    assert store.get(job.id).status is JobStatus.CANCELED

@@ -95,10 +95,17 @@ def wait_all(store: JobStore, job_ids: list[str]) -> None:
     """Until every job has ended, looking ten times a second. The rate is read from the
     jobs' own ``finished_at``, so this wait's latency does not enter it; what does is the
     CPU it takes from the worker being measured (torch runs one thread per core here, so
-    any other busy process stalls it). A pub/sub subscriber woke for each of a job's six
-    events; this looks about once per image."""
-    while not all(s is not None and s.terminal for s in store.statuses(job_ids)):
-        time.sleep(0.1)
+    any other busy process stalls it). So each look reads one job's status, the first
+    that had not ended: reading all of a round's statuses each time cost this process
+    about 0.5 ms of CPU an image, a pub/sub subscriber that woke for each of a job's six
+    events more."""
+    pending = list(job_ids)
+    while pending:
+        status = store.statuses(pending[:1])[0]
+        if status is not None and status.terminal:
+            pending.pop(0)
+        else:
+            time.sleep(0.1)
 
 
 def wait_started(store: JobStore, job_id: str) -> Any:

@@ -117,6 +117,13 @@ class Harness:
             "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
             "SDQ_LOG_LEVEL": "INFO",
         }
+        if args.workers > 1:
+            # Each worker's torch would start one thread per core: two workers on two cores
+            # then run four spinning threads on two, and a job of 0.3 s took 1-3 s, some 17 s
+            # (past the visibility timeout, so Redis handed them out again). One worker's
+            # share of the cores each, as a machine with a device per worker would have.
+            share = max(1, (os.cpu_count() or 1) // args.workers)
+            self.env["OMP_NUM_THREADS"] = str(share)
         self.settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             redis_url=self.redis_url,
@@ -312,8 +319,9 @@ def run(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> int:
         canary = {"prompt": "canary", "tier": "normal", "steps": 12, "width": 256, "height": 256}
         bodies.append({**canary, "webhook_url": hook, "webhook_events": ["job.succeeded"]})
     done = threading.Event()
-    # Spread the faults over about the time the jobs take (two workers, ~1 s a job each).
-    span = args.jobs * 0.4
+    # Spread the faults over about the time the jobs take, so that they land on busy
+    # workers: two workers of one torch thread each, about 0.5 s a job, plus the restarts.
+    span = args.jobs * 0.25
     faults = threading.Thread(target=harness.run_faults, args=(span, done), daemon=True)
     faults.start()
     with ThreadPoolExecutor(8) as pool:

@@ -56,6 +56,11 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             # the scan reads one small sorted set.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_seconds // 4)),
             "unacked_restore_throttle": 1,
+            # A sweep holds a lock that kombu keeps for 300 s if its holder dies mid-sweep
+            # (a worker killed, or Valkey restarting before the release): no job was then
+            # redelivered for five minutes (seen in the chaos run). A sweep takes
+            # milliseconds; a stale lock now blocks the others for 10 s at most.
+            "unacked_mutex_expire": 10,
             # One list per priority, read highest first by every BRPOP: with prefetch 1 a
             # worker's next job is the highest-priority one waiting (Redis transport only).
             "priority_steps": list(PRIORITY_STEPS),

@@ -70,3 +70,18 @@ def test_task_message_is_what_send_task_writes(
         message["properties"].pop("reply_to")
     assert ours == sent
     rclient.delete(key)
+
+
+def test_a_sweeper_that_dies_holding_the_restore_lock_blocks_others_10_s_at_most(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    # kombu's sweep for expired unacked messages takes a lock; a worker killed while it
+    # holds it (or a Valkey restart before the release) leaves it behind until it expires.
+    app = make_celery(settings, load_tiers())
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        rclient.delete(channel.unacked_mutex_key)
+        lock = rclient.lock(channel.unacked_mutex_key, timeout=channel.unacked_mutex_expire)
+        assert lock.acquire(blocking=False)  # ... and never released: the holder died
+        assert 0 < rclient.pttl(channel.unacked_mutex_key) <= 10_000
+        rclient.delete(channel.unacked_mutex_key)

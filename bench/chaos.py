@@ -1,8 +1,8 @@
 """Chaos: submit jobs while killing workers, restarting Valkey and stopping S3, then count.
 
 Everything runs on loopback: its own Valkey (AOF on), its own SeaweedFS, the API, worker
-processes (prefork, one child) and a webhook receiver. Faults are spread over the run and
-logged with their time. The last line reads
+processes (prefork, one child, each with its share of the cores) and a webhook receiver.
+Faults are spread over the run and logged with their time. The last line reads
 
     300 submitted, 39 faults, 0 lost, D duplicate executions, 0 duplicate charges,
     0 duplicate objects, 300 unique succeeded webhook ids

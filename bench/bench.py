@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
+from celery import Celery
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,7 +42,7 @@ from common.keys import KeyStore  # noqa: E402
 from common.queue import make_celery  # noqa: E402
 from common.redis import connect  # noqa: E402
 from common.store import JobStore  # noqa: E402
-from common.tiers import load_tiers  # noqa: E402
+from common.tiers import Tier, load_tiers  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 from workers.pipeline import Generation, SdxlRunner  # noqa: E402
 
@@ -106,6 +108,24 @@ def wait_all(store: JobStore, job_ids: list[str]) -> None:
             pending.pop(0)
         else:
             time.sleep(0.1)
+
+
+def worker_pipeline(
+    celery: Celery, client: redis.Redis, tier: Tier, images: int, name: str
+) -> list[float]:
+    """Seconds of each of ``images`` calls of the worker's own pipeline in a row (the
+    ``sdq.bench.pipeline`` task, on the tier's queue)."""
+    reply = f"sdq:bench:pipeline:{name}"
+    celery.send_task(
+        "sdq.bench.pipeline", args=[images, STEPS, tier.scheduler, reply], queue=tier.queue
+    )
+    answer = client.blpop([reply], timeout=600)  # one RPUSH holds every time
+    if answer is None:
+        raise TimeoutError("the worker's pipeline loop did not answer")
+    times = [float(answer[1]), *(float(t) for t in client.lrange(reply, 0, -1))]
+    client.delete(reply)
+    assert len(times) == images, times
+    return times
 
 
 def wait_started(store: JobStore, job_id: str) -> Any:
@@ -195,19 +215,8 @@ def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> d
         finished = sorted(job.finished_at for job in store.get_many(ids) if job is not None)
         stack_s += finished[-1] - finished[0]
 
-        reply = f"sdq:bench:pipeline:{round_}"
-        celery.send_task(
-            "sdq.bench.pipeline",
-            args=[per_round, STEPS, budget.scheduler, reply],
-            queue=budget.queue,
-        )
-        answer = client.blpop([reply], timeout=600)  # one RPUSH holds every time
-        if answer is None:
-            raise TimeoutError("the worker's pipeline loop did not answer")
-        times = [float(answer[1]), *(float(t) for t in client.lrange(reply, 0, -1))]
-        assert len(times) == per_round, times
+        times = worker_pipeline(celery, client, budget, per_round, f"{round_}")
         loop_s += sum(times[1:])
-        client.delete(reply)
 
         for index in range(per_round):
             began = time.perf_counter()
@@ -249,14 +258,8 @@ def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> d
         receiver.wait_for("/bench", index + 1, timeout=60)
         arrived = receiver.at("/bench")[index].at
         assert store.get(job_id).images
-        reply = f"sdq:bench:pipeline:e2e:{index}"
-        celery.send_task(
-            "sdq.bench.pipeline", args=[1, STEPS, budget.scheduler, reply], queue=budget.queue
-        )
-        answer = client.blpop([reply], timeout=600)
-        if answer is None:
-            raise TimeoutError("the worker's pipeline did not answer")
-        e2e_pipeline.append(float(answer[1]))
+        (seconds,) = worker_pipeline(celery, client, budget, 1, f"e2e:{index}")
+        e2e_pipeline.append(seconds)
         overheads.append(arrived - began - e2e_pipeline[-1])
 
     return {

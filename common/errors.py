@@ -50,6 +50,22 @@ class InsufficientCredits(SdqError):
     message = "not enough credits"
 
 
+class RateLimited(SdqError):
+    """Over one of the key's limits (rate, jobs at once, streams): wait ``retry_after``."""
+
+    status_code = 429
+    message = "rate limit exceeded"
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0, **details: object):
+        super().__init__(message, **details)
+        self.retry_after = retry_after
+
+
+class PayloadTooLarge(SdqError):
+    status_code = 413
+    message = "request body too large"
+
+
 class StorageError(SdqError, OSError):
     status_code = 503
     message = "object storage unavailable"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 MAX_SEED = 2**32 - 1
+
+#: Bounds on a job's ``metadata``: it is stored once with the job and returned with it.
+MAX_METADATA_BYTES = 4096
+MAX_METADATA_KEYS = 64
+MAX_METADATA_DEPTH = 4
 
 CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -70,7 +76,28 @@ class JobRequest(BaseModel):
     )
     priority: int = Field(5, ge=0, le=9, description="9 runs first within a tier.")
     allow_remote: bool = True
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Yours, returned with the job: at most {MAX_METADATA_BYTES} bytes as "
+        f"JSON, {MAX_METADATA_KEYS} keys in all, nested {MAX_METADATA_DEPTH} deep.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        keys = _count_keys(value, depth=1)
+        if keys > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys in all, got {keys}")
+        size = len(_utf8_json(value))
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")
+        return value
+
+    @model_validator(mode="after")
+    def _unicode_text(self) -> JobRequest:
+        # JSON may spell lone surrogates ("\ud800"), which no UTF-8 store or receiver takes.
+        _utf8_json(self.model_dump(mode="json"))
+        return self
 
     @field_validator("webhook_events")
     @classmethod
@@ -88,6 +115,27 @@ class JobRequest(BaseModel):
         if value is not None and value % 8:
             raise ValueError("must be a multiple of 8")
         return value
+
+
+def _count_keys(value: Any, depth: int) -> int:
+    if isinstance(value, dict):
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} deep")
+        return len(value) + sum(_count_keys(item, depth + 1) for item in value.values())
+    if isinstance(value, list):
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} deep")
+        return sum(_count_keys(item, depth + 1) for item in value)
+    return 0
+
+
+def _utf8_json(value: Any) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "text must be valid Unicode: lone surrogates such as \\ud800 are not allowed"
+        ) from None
 
 
 class ImageResult(BaseModel):
@@ -115,6 +163,9 @@ class Job(BaseModel):
     seed: int
     steps: int
     cost: int
+    priority: int = Field(
+        5, description="The priority it runs at: the request's, capped at the key's maximum."
+    )
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

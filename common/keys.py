@@ -7,13 +7,14 @@ import hashlib
 import hmac
 import secrets
 import time
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from cachetools import TTLCache
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from common.errors import AuthError, Forbidden, NotFound
+from common import lua
+from common.errors import AuthError, Forbidden, NotFound, RateLimited
 
 KEY_PREFIX = "sdq_"
 
@@ -33,7 +34,8 @@ def _digest(raw_key: str) -> str:
 
 
 class ApiKey(BaseModel):
-    """A stored key: never the key itself, only its digest."""
+    """A stored key: never the key itself, only its digest. A limit left ``None`` takes the
+    service's default (``SDQ_DEFAULT_*``)."""
 
     id: str
     name: str
@@ -41,34 +43,53 @@ class ApiKey(BaseModel):
     credits: int
     created_at: float
     webhook_secret: str
+    rate: float | None = Field(None, gt=0, description="Requests a second (bursts of as many).")
+    max_jobs: int | None = Field(None, ge=1, description="Jobs queued or running at once.")
+    max_priority: int | None = Field(None, ge=0, le=9, description="Higher asks are capped.")
+    revoked: bool = False
+    #: Jobs queued or running now, kept by the job store's Lua steps.
+    active: int = 0
 
 
-# The index lookup and the record read in one round trip: every request authenticates.
-_LOOKUP = """
-local id = redis.call('GET', KEYS[1])
-if not id then return nil end
-return redis.call('HGETALL', 'sdq:apikey:' .. id)
-"""
+#: The fields an operator may set on a key after it was made.
+LIMITS = ("rate", "max_jobs", "max_priority")
 
 
-def _verified(digest: str, fields: list[str] | None) -> ApiKey:
-    if not fields:
+def _record(fields: list[str] | dict[str, str]) -> ApiKey:
+    data = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
+    # An operator clears a limit by setting it to "": the default applies again.
+    return ApiKey.model_validate(
+        {name: value for name, value in data.items() if value != "" or name not in LIMITS}
+    )
+
+
+def _verified(digest: str, record: ApiKey | None) -> ApiKey:
+    if record is None or not hmac.compare_digest(record.digest, digest):
         raise Forbidden()
-    record = ApiKey.model_validate(dict(zip(fields[::2], fields[1::2], strict=True)))
-    if not hmac.compare_digest(record.digest, digest):
-        raise Forbidden()
+    if record.revoked:
+        raise Forbidden("this API key was revoked")
     return record
 
 
 class KeyStore:
-    """Creates and authenticates API keys in Redis."""
+    """Creates, authenticates, limits and revokes API keys in Redis."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, default_rate: float = 20.0) -> None:
         self.redis = client
-        self._lookup = client.register_script(_LOOKUP)
+        self.default_rate = default_rate
+        self._auth = client.register_script(lua.source("auth"))
 
-    def create(self, credits: int, name: str = "") -> tuple[str, ApiKey]:
-        """Make a new key with ``credits``; returns the raw key (shown once) and its record."""
+    def create(
+        self,
+        credits: int,
+        name: str = "",
+        *,
+        rate: float | None = None,
+        max_jobs: int | None = None,
+        max_priority: int | None = None,
+    ) -> tuple[str, ApiKey]:
+        """Make a new key with ``credits`` and optional limits of its own; returns the raw
+        key (shown once) and its record."""
         if credits < 0:
             raise ValueError("credits must be >= 0")
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -79,8 +100,12 @@ class KeyStore:
             credits=credits,
             created_at=time.time(),
             webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+            rate=rate,
+            max_jobs=max_jobs,
+            max_priority=max_priority,
         )
-        items = [part for k, v in record.model_dump().items() for part in (k, str(v))]
+        stored = record.model_dump(exclude_none=True, exclude={"revoked", "active"})
+        items = [part for k, v in stored.items() for part in (k, str(v))]
         with self.redis.pipeline() as pipe:
             pipe.hset(apikey_key(record.id), items=items)
             pipe.set(_hash_index_key(record.digest), record.id)
@@ -88,19 +113,34 @@ class KeyStore:
         return raw, record
 
     def get(self, key_id: str) -> ApiKey:
-        data = self.redis.hgetall(apikey_key(key_id))
+        data = cast(dict[str, str], self.redis.hgetall(apikey_key(key_id)))
         if not data:
             raise NotFound(f"no API key {key_id}")
-        return ApiKey.model_validate(data)
+        return _record(data)
+
+    def find(self, key_or_id: str) -> ApiKey:
+        """A key by its id (``key_...``) or by the raw key itself."""
+        if key_or_id.startswith(KEY_PREFIX):
+            key_id = self.redis.get(_hash_index_key(_digest(key_or_id)))
+            if key_id is None:
+                raise NotFound("no such API key")
+            key_or_id = str(key_id)
+        return self.get(key_or_id)
+
+    def revoke(self, key_or_id: str) -> ApiKey:
+        """Revoke a key: every API process answers it 403 from its next request on (keys
+        are read afresh on every request, never cached)."""
+        record = self.find(key_or_id)
+        self.redis.hset(apikey_key(record.id), "revoked", "1")
+        return record.model_copy(update={"revoked": True})
 
     def authenticate(self, authorization: str | None) -> ApiKey:
-        """The key named by an ``Authorization`` header value (``KEY`` or ``Bearer KEY``)."""
+        """The key named by an ``Authorization`` header value (``KEY`` or ``Bearer KEY``),
+        after spending one request of its rate."""
         digest = _digest(parse_authorization(authorization))
-        return _verified(digest, self._lookup(keys=[_hash_index_key(digest)]))
-
-    def add_credits(self, key_id: str, amount: int) -> int:
-        self.get(key_id)
-        return int(self.redis.hincrby(apikey_key(key_id), "credits", amount))
+        return _admitted(
+            digest, self._auth(keys=[_hash_index_key(digest)], args=[self.default_rate])
+        )
 
     def credits(self, key_id: str) -> int:
         value = self.redis.hget(apikey_key(key_id), "credits")
@@ -109,28 +149,34 @@ class KeyStore:
         return int(value)
 
 
+def _admitted(digest: str, reply: list[Any] | None) -> ApiKey:
+    """The key of an ``auth.lua`` reply, or the error its request gets."""
+    if not reply:
+        raise Forbidden()
+    fields, allowed, wait_ms, rate = reply
+    record = _verified(digest, _record(fields))
+    if not int(allowed):
+        raise RateLimited(
+            f"Rate limit exceeded: this key may make {float(rate):g} requests a second",
+            retry_after=int(wait_ms) / 1000,
+            rate_limit=f"{float(rate):g}",
+        )
+    return record
+
+
 class AsyncKeyAuth:
     """``KeyStore.authenticate`` on an asyncio client, so the API's event loop checks keys
-    without a hop to its thread pool.
+    without a hop to its thread pool. One round trip a request, which also spends the key's
+    rate: nothing is cached, so a revoked key is refused at once on every process."""
 
-    Known keys are remembered for ``ttl`` seconds: every request authenticates, and the
-    lookup was a fifth of a submit's CPU. Nothing decided from the remembered record can go
-    stale: credits are checked and debited by the job store's Lua step, which also refuses
-    a key whose record was deleted, and ``/v1/account`` reads the record afresh. Unknown
-    keys are never remembered, so guessing cannot fill the cache. One per event loop.
-    """
-
-    def __init__(self, client: aioredis.Redis, ttl: float = 5.0, size: int = 10_000) -> None:
-        self._lookup = client.register_script(_LOOKUP)
-        self._known: TTLCache[str, ApiKey] = TTLCache(maxsize=size, ttl=ttl)
+    def __init__(self, client: aioredis.Redis, default_rate: float = 20.0) -> None:
+        self._auth = client.register_script(lua.source("auth"))
+        self.default_rate = default_rate
 
     async def authenticate(self, authorization: str | None) -> ApiKey:
         digest = _digest(parse_authorization(authorization))
-        record = self._known.get(digest)
-        if record is None:
-            record = _verified(digest, await self._lookup(keys=[_hash_index_key(digest)]))
-            self._known[digest] = record
-        return record
+        reply = await self._auth(keys=[_hash_index_key(digest)], args=[self.default_rate])
+        return _admitted(digest, reply)
 
 
 def parse_authorization(header: str | None) -> str:
@@ -141,4 +187,6 @@ def parse_authorization(header: str | None) -> str:
         value = rest.strip()
     if not value:
         raise AuthError()
+    if len(value) > 256:
+        raise Forbidden()
     return value

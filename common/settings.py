@@ -83,7 +83,42 @@ class Settings(BaseSettings):
     webhook_max_age_seconds: float = Field(86400.0, gt=0, description="Retry for this long.")
     webhook_concurrency: int = Field(8, ge=1)
     webhook_dispatcher: bool = Field(True, description="Run the dispatcher in the API process.")
+    webhook_max_response_bytes: int = Field(
+        65536, ge=0, description="Read at most this much of a receiver's answer."
+    )
+    webhook_per_host_concurrency: int = Field(
+        2, ge=1, description="Sends at once to one receiver host, across this dispatcher."
+    )
+    webhook_dns_timeout_seconds: float = Field(2.0, gt=0)
+    webhook_redeliver_interval_seconds: float = Field(
+        10.0, ge=0, description="A job's webhooks may be redelivered once per this long."
+    )
     idempotency_ttl_seconds: int = Field(86400, ge=60)
+
+    # Tenants: bounds on every request, and the per-key limits a key gets unless set on it.
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Bodies of /v1/jobs and more.")
+    max_batch_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="/v1/batches.")
+    max_form_body_bytes: int = Field(64 * 1024, ge=1024, description="Hotpot forms.")
+    max_form_fields: int = Field(32, ge=1, description="Parts of one Hotpot form.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body must arrive within this long (408)."
+    )
+    default_rate_per_second: float = Field(
+        20.0, gt=0, description="Requests a key may make per second (bursts of as many)."
+    )
+    default_max_jobs: int = Field(1000, ge=1, description="A key's jobs queued or running.")
+    default_max_priority: int = Field(
+        5, ge=0, le=9, description="Higher priorities asked for are capped at this."
+    )
+    streams_per_key: int = Field(20, ge=1, description="Event streams and sync waits a key holds.")
+    streams_per_process: int = Field(2000, ge=1, description="The same, for one API process.")
+    stream_max_seconds: float = Field(900.0, gt=0, description="An event stream ends after this.")
+    api_max_connections: int = Field(
+        4000, ge=1, description="Connections one API process holds; more are answered 503."
+    )
+
+    # Redis clients: a dead server or a half-open connection is noticed within this long.
+    redis_socket_timeout_seconds: float = Field(15.0, gt=0)
 
     # Network addresses of the local stack.
     api_host: str = "127.0.0.1"

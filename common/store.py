@@ -20,7 +20,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from common.errors import Conflict, InsufficientCredits, NotFound
+from common import lua
+from common.errors import Conflict, Forbidden, InsufficientCredits, NotFound, RateLimited
 from common.job import EVENT_TYPES, PROGRESS, TERMINAL, ImageResult, Job, JobStatus, now
 from common.keys import apikey_key
 
@@ -56,8 +57,16 @@ def events_channel(job_id: str) -> str:
     return f"sdq:events:{job_id}"
 
 
-def key_jobs_key(key_id: str) -> str:
-    return f"sdq:apikey:{key_id}:jobs"
+def key_jobs_key(key_id: str, status: JobStatus | None = None) -> str:
+    """A key's jobs by creation time: all of them, or those in ``status`` (kept by the Lua
+    steps, so a filtered listing reads only its own index)."""
+    base = f"sdq:apikey:{key_id}:jobs"
+    return base if status is None else f"{base}:{status.value}"
+
+
+def taken_key(task_id: str) -> str:
+    """Which job a task message took (``take.lua``): a redelivery runs the same job."""
+    return f"sdq:taken:{task_id}"
 
 
 def batch_key(batch_id: str) -> str:
@@ -76,177 +85,6 @@ def delivery_id(job_id: str, event: str, step: int | None = None) -> str:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-# Shared Lua: the job as JSON (its hash values are JSON already), and the event step that
-# logs, publishes and, when the job asked for this event, schedules a webhook delivery.
-_LUA_EVENT = """
-local function tier_of(jobkey)
-  return cjson.decode(redis.call('HGET', jobkey, 'tier'))
-end
-
--- Fleet metrics (common/metrics.py): a hash per metric, a field per label set.
-local function count(name, labels, amount)
-  redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)
-end
-
-local function snapshot(jobkey)
-  local flat = redis.call('HGETALL', jobkey)
-  local parts = {}
-  for i = 1, #flat, 2 do
-    if flat[i] ~= 'key_id' then parts[#parts + 1] = '"' .. flat[i] .. '":' .. flat[i + 1] end
-  end
-  return '{' .. table.concat(parts, ',') .. '}'
-end
-
--- Returns the logged event. `log` false: publish only (progress).
-local function emit(jobkey, eventskey, channel, etype, ts, did, now, dttl, log)
-  local body = '{"type":"' .. etype .. '","timestamp":"' .. ts .. '","data":'
-    .. snapshot(jobkey) .. '}'
-  local event = body
-  if log then
-    local seq = redis.call('RPUSH', eventskey, '')
-    event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
-    redis.call('LSET', eventskey, seq - 1, event)
-  end
-  redis.call('PUBLISH', channel, event)
-  local req = cjson.decode(redis.call('HGET', jobkey, 'request'))
-  local url = req['webhook_url']
-  local wanted = req['webhook_events']
-  if type(url) == 'string' and type(wanted) == 'table' then
-    for _, name in ipairs(wanted) do
-      if name == etype then
-        local dkey = 'sdq:webhook:' .. did
-        redis.call('HSET', dkey, 'id', did,
-          'job_id', cjson.decode(redis.call('HGET', jobkey, 'id')),
-          'key_id', cjson.decode(redis.call('HGET', jobkey, 'key_id')), 'event', etype,
-          'url', url, 'body', body, 'state', 'pending', 'attempts', 0,
-          'first_at', now, 'next_at', now)
-        redis.call('EXPIRE', dkey, dttl)
-        redis.call('RPUSH', jobkey .. ':webhooks', did)
-        redis.call('ZADD', 'sdq:webhooks:due', now, did)
-        redis.call('LPUSH', 'sdq:webhooks:wake', did)
-        redis.call('LTRIM', 'sdq:webhooks:wake', 0, 99)
-      end
-    end
-  end
-  return event
-end
-"""
-
-# Debit the key once for every job and write them all, or nothing. KEYS: the key's hash,
-# its jobs index, the idempotency record, the batch record. ARGV: total cost, the request
-# digest ('' without an Idempotency-Key), idempotency TTL, timestamp, now, delivery TTL,
-# the batch's JSON ('' for none), n, then per job: id, created_at, fields as a JSON object,
-# queued-event delivery id, and the broker list and task message to push ('' and '' when
-# the caller publishes itself). Returns {1, credits_left}, {0, credits} when the key cannot
-# pay, {2, record} when the Idempotency-Key was seen, {-1} for an unknown key.
-_CREATE = (
-    _LUA_EVENT
-    + """
-if ARGV[2] ~= '' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {2, seen} end
-end
-local credits = redis.call('HGET', KEYS[1], 'credits')
-if not credits then return {-1, 0} end
-credits = tonumber(credits)
-local cost = tonumber(ARGV[1])
-if credits < cost then return {0, credits} end
-local left = redis.call('HINCRBY', KEYS[1], 'credits', -cost)
-local n = tonumber(ARGV[8])
-local ids = {}
-for j = 0, n - 1 do
-  local base = 9 + j * 6
-  local id, fields = ARGV[base], cjson.decode(ARGV[base + 2])
-  if ARGV[base + 4] ~= '' then redis.call('LPUSH', ARGV[base + 4], ARGV[base + 5]) end
-  local jobkey = 'sdq:job:' .. id
-  for name, value in pairs(fields) do redis.call('HSET', jobkey, name, value) end
-  redis.call('ZADD', KEYS[2], ARGV[base + 1], id)
-  local tier = tier_of(jobkey)
-  redis.call('ZADD', 'sdq:queued:' .. tier, ARGV[base + 1], id)
-  count('sdq_jobs_total', '{"status":"queued","tier":"' .. tier .. '"}', 1)
-  count('sdq_credits_debited_total', '{"tier":"' .. tier .. '"}', tonumber(fields['cost']))
-  emit(jobkey, jobkey .. ':events', 'sdq:events:' .. id, 'job.queued', ARGV[4], ARGV[base + 3],
-       tonumber(ARGV[5]), tonumber(ARGV[6]), true)
-  ids[#ids + 1] = id
-end
-if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[7], 'EX', tonumber(ARGV[6]))
-end
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. table.concat(ids, ','), 'EX', tonumber(ARGV[3]))
-end
-return {1, left}
-"""
-)
-
-# Compare-and-set a job's status. KEYS: job, events, key hash. ARGV: to, ttl, refund,
-# delivery (count an attempt, return the job), event type, timestamp, channel, delivery id,
-# now, delivery TTL, n, the n allowed current statuses, then field/value pairs. Returns
-# {1, attempts, credits, job fields} (credits -1 when nothing was refunded; the job's hash,
-# flat, for a delivery only), {0, current} when refused, {-1} when missing.
-_TRANSITION = (
-    _LUA_EVENT
-    + """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {-1} end
-local n = tonumber(ARGV[11])
-local allowed = false
-for i = 12, 11 + n do
-  if ARGV[i] == cur then allowed = true end
-end
-if not allowed then return {0, cur} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-local tier = tier_of(KEYS[1])
-redis.call('ZREM', 'sdq:queued:' .. tier, cjson.decode(redis.call('HGET', KEYS[1], 'id')))
-count('sdq_jobs_total', '{"status":' .. ARGV[1] .. ',"tier":"' .. tier .. '"}', 1)
-for i = 12 + n, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if ARGV[4] == '1' then
-  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-end
-local credits = -1
-if ARGV[3] == '1' and redis.call('HGET', KEYS[1], 'refunded') ~= 'true' then
-  local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
-  if cost > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
-    credits = redis.call('HINCRBY', KEYS[3], 'credits', cost)
-    count('sdq_credits_refunded_total', '{"tier":"' .. tier .. '"}', cost)
-  end
-  redis.call('HSET', KEYS[1], 'refunded', 'true')
-end
-emit(KEYS[1], KEYS[2], ARGV[7], ARGV[5], ARGV[6], ARGV[8],
-     tonumber(ARGV[9]), tonumber(ARGV[10]), true)
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[1] .. ':webhooks', ttl)
-end
-if ARGV[4] == '1' then return {1, attempts, credits, redis.call('HGETALL', KEYS[1])} end
-return {1, attempts, credits}
-"""
-)
-
-# Record denoising steps of a running job, each its own event, and tell whoever listens.
-# ARGV: channel, delivery TTL, then per step: progress, timestamp, delivery id, time.
-# Returns the job's status, so the worker learns of a cancel in the same round trip.
-_PROGRESS = (
-    _LUA_EVENT
-    + """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return false end
-if cur ~= '"running"' then return cur end
-for i = 3, #ARGV, 4 do
-  redis.call('HSET', KEYS[1], 'progress', ARGV[i])
-  emit(KEYS[1], '', ARGV[1], 'job.progress', ARGV[i + 1], ARGV[i + 2],
-       tonumber(ARGV[i + 3]), tonumber(ARGV[2]), false)
-end
-return cur
-"""
-)
 
 
 @dataclass
@@ -283,6 +121,46 @@ def request_digest(payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: How many entries of jobs no longer queued one ``take`` may skip before it gives up.
+_TAKE_SKIP = 100
+
+
+def record_fields(job: Job) -> dict[str, str]:
+    """A job as its hash stores it: each top-level field as JSON text, plus ``webhook``
+    (its URL and events) so the Lua steps never parse the request."""
+    fields = {name: json.dumps(value) for name, value in job.model_dump(mode="json").items()}
+    request = job.request
+    if request.webhook_url is not None and request.webhook_events:
+        fields["webhook"] = json.dumps(
+            {"url": request.webhook_url, "events": request.webhook_events}
+        )
+    return fields
+
+
+def webhook_body(client: redis.Redis, record: Mapping[str, str]) -> str | None:
+    """The body of a webhook delivery, built when it is sent: the event as it was logged
+    (or the step, for progress) and the job's request from its one stored copy. ``None``
+    when the job's record has expired."""
+    job_id = record["job_id"]
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hget(job_key(job_id), "request")
+        if record.get("seq"):
+            pipe.lindex(events_key(job_id), int(record["seq"]) - 1)
+        rows = pipe.execute()
+    if rows[0] is None:
+        return None
+    if record.get("seq"):
+        if rows[1] is None:
+            return None
+        logged = json.loads(rows[1])
+        data = logged["data"]
+    else:
+        data = {"id": job_id, "status": "running", "progress": json.loads(record["progress"])}
+    data["request"] = json.loads(rows[0])
+    body = {"type": record["event"], "timestamp": record["timestamp"], "data": data}
+    return json.dumps(body, separators=(",", ":"))
+
+
 class JobStore:
     """Job records, state transitions and event logs on a Redis-compatible server."""
 
@@ -293,16 +171,20 @@ class JobStore:
         finished_ttl: int = 7 * 86400,
         idempotency_ttl: int = 86400,
         delivery_ttl: int = 9 * 86400,
+        max_jobs: int = 1000,
         aio: aioredis.Redis | None = None,
     ) -> None:
         self.redis = client
         self.finished_ttl = finished_ttl
         self.idempotency_ttl = idempotency_ttl
         self.delivery_ttl = delivery_ttl
-        self._create = client.register_script(_CREATE)
-        self._transition = client.register_script(_TRANSITION)
-        self._progress = client.register_script(_PROGRESS)
-        self._acreate = aio.register_script(_CREATE) if aio is not None else None
+        #: A key's cap of jobs queued or running, unless the key has its own.
+        self.max_jobs = max_jobs
+        self._create = client.register_script(lua.source("create"))
+        self._transition = client.register_script(lua.source("transition"))
+        self._progress = client.register_script(lua.source("progress"))
+        self._take = client.register_script(lua.source("take"))
+        self._acreate = aio.register_script(lua.source("create")) if aio is not None else None
 
     def create(
         self,
@@ -320,8 +202,7 @@ class JobStore:
         broker is this Redis (``common.transport.task_message``).
         """
         keys, args = self._create_call(jobs, idempotency, batch, messages)
-        code, value = self._create(keys=keys, args=args)
-        return self._created(jobs, idempotency, code, value)
+        return self._created(jobs, idempotency, self._create(keys=keys, args=args))
 
     async def acreate(
         self,
@@ -335,8 +216,7 @@ class JobStore:
         if self._acreate is None:
             raise RuntimeError("this JobStore was made without an asyncio client (aio=)")
         keys, args = self._create_call(jobs, idempotency, batch, messages)
-        code, value = await self._acreate(keys=keys, args=args)
-        return self._created(jobs, idempotency, code, value)
+        return self._created(jobs, idempotency, await self._acreate(keys=keys, args=args))
 
     def _create_call(
         self,
@@ -347,40 +227,62 @@ class JobStore:
     ) -> tuple[list[str], list[Any]]:
         key_id = jobs[0].key_id
         token, digest = idempotency or ("", "")
-        args: list[Any] = [
-            sum(job.cost for job in jobs),
-            digest,
-            self.idempotency_ttl,
-            iso(jobs[0].created_at),
-            now(),
-            self.delivery_ttl,
-            json.dumps(batch) if batch else "",
-            len(jobs),
-        ]
-        for job, message in zip(jobs, messages or [("", "")] * len(jobs), strict=True):
-            fields = {
-                name: json.dumps(value) for name, value in job.model_dump(mode="json").items()
-            }
-            queued = delivery_id(job.id, "job.queued")
-            args += [job.id, job.created_at, json.dumps(fields), queued, *message]
+        plan: dict[str, Any] = {
+            "cost": sum(job.cost for job in jobs),
+            "digest": digest,
+            "idempotency_ttl": self.idempotency_ttl,
+            "timestamp": iso(jobs[0].created_at),
+            "now": now(),
+            "delivery_ttl": self.delivery_ttl,
+            "batch": json.dumps(batch) if batch else "",
+            "max_jobs": self.max_jobs,
+            "jobs": [],
+        }
+        for job, (queue, message) in zip(jobs, messages or [("", "")] * len(jobs), strict=True):
+            plan["jobs"].append(
+                {
+                    "id": job.id,
+                    "created_at": job.created_at,
+                    "tier": job.tier,
+                    "priority": job.priority,
+                    "cost": job.cost,
+                    "fields": record_fields(job),
+                    "queued_delivery": delivery_id(job.id, "job.queued"),
+                    "list": queue,
+                    "message": message,
+                }
+            )
         keys = [
             apikey_key(key_id),
             key_jobs_key(key_id),
             idempotency_key(key_id, token) if token else "sdq:idem:none",
             batch_key(batch["id"]) if batch else "sdq:batch:none",
         ]
-        return keys, args
+        # The request was validated as UTF-8 text (common.job), so Lua decodes it safely.
+        return keys, [json.dumps(plan, ensure_ascii=False)]
 
     @staticmethod
     def _created(
-        jobs: Sequence[Job], idempotency: tuple[str, str] | None, code: int, value: Any
+        jobs: Sequence[Job], idempotency: tuple[str, str] | None, result: list[Any]
     ) -> Created:
+        code, value = result[0], result[1]
         if code == -1:
             raise NotFound(f"no API key {jobs[0].key_id}")
+        if code == -2:
+            raise Forbidden("this API key was revoked")
         if code == 0:
             cost = sum(job.cost for job in jobs)
             raise InsufficientCredits(
                 f"not enough credits: this request costs {cost}, the key has {value}"
+            )
+        if code == 3:
+            cap = int(result[2])
+            raise RateLimited(
+                f"too many jobs at once: this key has {value} queued or running, its cap is "
+                f"{cap}, and this request adds {len(jobs)}; retry when some have ended",
+                retry_after=5.0,
+                active=int(value),
+                max_jobs=cap,
             )
         if code == 2:
             seen_digest, _, ids = str(value).partition(" ")
@@ -418,25 +320,25 @@ class JobStore:
     def list_for_key(
         self, key_id: str, *, limit: int, offset: int = 0, status: JobStatus | None = None
     ) -> tuple[list[Job], int | None]:
-        """A key's jobs, newest first; returns a page and the offset of the next one."""
-        index = key_jobs_key(key_id)
+        """A key's jobs, newest first, from the index of ``status`` (or of all); returns a
+        page and the offset of the next one."""
+        index = key_jobs_key(key_id, status)
         found: list[Job] = []
         position = offset
-        chunk = max(limit * 2, 50)
         while len(found) < limit:
-            ids = [str(i) for i in self.redis.zrevrange(index, position, position + chunk - 1)]
+            want = limit - len(found)
+            ids = [str(i) for i in self.redis.zrevrange(index, position, position + want - 1)]
             if not ids:
                 return found, None
+            expired = []
             for job_id, job in zip(ids, self.get_many(ids), strict=True):
-                position += 1
                 if job is None:
-                    self.redis.zrem(index, job_id)  # expired: forget it
-                    position -= 1
-                    continue
-                if status is None or job.status is status:
+                    expired.append(job_id)
+                else:
                     found.append(job)
-                    if len(found) == limit:
-                        break
+                    position += 1
+            if expired:
+                self.redis.zrem(index, *expired)  # their records expired: forget them
         more = self.redis.zcard(index) > position
         return found, position if more else None
 
@@ -454,38 +356,27 @@ class JobStore:
         current status is one of ``allowed_from``. ``delivery``: a worker received the job's
         message; count an attempt and return the job as it now is."""
         job_id = job if isinstance(job, str) else job.id
-        # The key hash is touched only to refund, which needs the job's key.
-        key_hash = apikey_key(job.key_id) if isinstance(job, Job) else "sdq:apikey:none"
-        assert not refund or isinstance(job, Job), "a refund needs the job's key"
-        allowed = [json.dumps(s.value) for s in allowed_from]
         event = EVENT_TYPES[to]
-        ttl = self.finished_ttl if to in TERMINAL else 0
-        flat: list[str] = []
-        for name, value in (fields or {}).items():
-            flat += [name, json.dumps(value)]
         moment = now()
-        result = self._transition(
-            keys=[job_key(job_id), events_key(job_id), key_hash],
-            args=[
-                json.dumps(to.value),
-                ttl,
-                int(refund),
-                int(delivery),
-                event,
-                iso(moment),
-                events_channel(job_id),
-                delivery_id(job_id, event),
-                moment,
-                self.delivery_ttl,
-                len(allowed),
-                *allowed,
-                *flat,
-            ],
-        )
+        args = {
+            "to": to.value,
+            "allowed": [status.value for status in allowed_from],
+            "terminal": to in TERMINAL,
+            "ttl": self.finished_ttl if to in TERMINAL else 0,
+            "refund": refund,
+            "delivery": delivery,
+            "event": event,
+            "timestamp": iso(moment),
+            "delivery_id": delivery_id(job_id, event),
+            "now": moment,
+            "delivery_ttl": self.delivery_ttl,
+            "fields": {name: json.dumps(value) for name, value in (fields or {}).items()},
+        }
+        result = self._transition(keys=[job_key(job_id)], args=[json.dumps(args)])
         if result[0] == -1:
             raise NotFound(f"no job {job_id}")
         if result[0] == 0:
-            current = JobStatus(json.loads(result[1]))
+            current = JobStatus(result[1])
             log.info("job %s: refused %s -> %s", job_id, current.value, to.value)
             return Transition(False, current)
         log.info("job %s -> %s", job_id, to.value)
@@ -494,9 +385,16 @@ class JobStore:
             True,
             to,
             attempts=int(result[1]),
-            credits=int(result[2]),
+            credits=-1 if result[2] is None else int(result[2]),
             job=_job(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None,
         )
+
+    def take(self, job_id: str, task_id: str) -> str | None:
+        """The job a task message sent for ``job_id`` runs: the next of its tier and
+        priority in turn by key, or the one it took before when the message is redelivered.
+        ``None`` when no job is waiting (the one it was sent for was canceled or taken)."""
+        taken = self._take(keys=[taken_key(task_id)], args=[job_id, self.finished_ttl, _TAKE_SKIP])
+        return str(taken) if taken else None
 
     def start(self, job_id: str) -> Transition:
         """``queued -> running`` when a worker receives the job's message; a redelivered
@@ -556,7 +454,7 @@ class JobStore:
     def progress(self, job: Job, steps: Sequence[tuple[int, int, float]]) -> JobStatus | None:
         """Record denoising steps ``(step, total, time)`` in one round trip, each its own
         ``job.progress`` event; returns the job's status (``None`` if it expired)."""
-        args: list[Any] = [events_channel(job.id), self.delivery_ttl]
+        args: list[Any] = [self.delivery_ttl]
         for step, total, moment in steps:
             args += [
                 json.dumps({"step": step, "total": total}),

@@ -21,6 +21,7 @@ from common.job import JobRequest
 from common.settings import get_settings
 
 if TYPE_CHECKING:
+    from common.keys import KeyStore
     from producer.client import Client
 
 app = typer.Typer(
@@ -142,18 +143,58 @@ def down() -> None:
 def keys_create(
     credits: Annotated[int, typer.Option(min=0, help="Credits the key starts with.")] = 100,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="Requests a second, in bursts of as many; default SDQ_DEFAULT_RATE_PER_SECOND.",
+        ),
+    ] = None,
+    max_jobs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Jobs queued or running at once; default SDQ_DEFAULT_MAX_JOBS."),
+    ] = None,
+    max_priority: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=9,
+            help="Higher priorities are capped to this; default SDQ_DEFAULT_MAX_PRIORITY.",
+        ),
+    ] = None,
 ) -> None:
     """Create an API key. Prints only the key on stdout, so scripts can capture it."""
+    keys = _keys()
+    try:
+        key, record = keys.create(
+            credits, name=name, rate=rate, max_jobs=max_jobs, max_priority=max_priority
+        )
+    except Exception as exc:
+        raise _fail(f"cannot reach the job store at {get_settings().redis_url}: {exc}") from None
+    err.print(f"created {record.id} with {credits} credits")
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_or_id: Annotated[str, typer.Argument(help="The key itself, or its id (key_...).")],
+) -> None:
+    """Revoke a key: every API process answers it 403 from its next request on."""
+    from common.errors import NotFound
+
+    try:
+        record = _keys().revoke(key_or_id)
+    except NotFound as exc:
+        raise _fail(exc.message) from None
+    err.print(f"revoked {record.id}")
+
+
+def _keys() -> KeyStore:
     from common.keys import KeyStore
     from common.redis import connect
 
     settings = get_settings()
-    try:
-        key, record = KeyStore(connect(settings.redis_url)).create(credits, name=name)
-    except Exception as exc:
-        raise _fail(f"cannot reach the job store at {settings.redis_url}: {exc}") from None
-    err.print(f"created {record.id} with {credits} credits")
-    typer.echo(key)
+    return KeyStore(connect(settings.redis_url), settings.default_rate_per_second)
 
 
 def _size(value: str | None) -> tuple[int | None, int | None]:
@@ -382,6 +423,8 @@ def api(
 
     _logging()
     settings = get_settings()
+    from producer.api.app import server_options
+
     uvicorn.run(
         "producer.api.app:create_app",
         factory=True,
@@ -389,8 +432,18 @@ def api(
         port=port or settings.api_port,
         workers=workers,
         log_level=settings.log_level.lower(),
-        timeout_keep_alive=settings.api_keep_alive_seconds,
+        **server_options(settings),
     )
+
+
+@app.command()
+def dispatcher() -> None:
+    """Send webhooks: claim due deliveries from the store and post them, until stopped.
+    Run it as its own process (or set SDQ_WEBHOOK_DISPATCHER=1 to keep it in the API)."""
+    from common.webhooks import serve
+
+    _logging()
+    serve(get_settings())
 
 
 @app.command()

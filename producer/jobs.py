@@ -78,6 +78,9 @@ class JobService:
             check_url(request.webhook_url, allow_loopback=self.settings.webhook_allow_loopback)
             if request.webhook_events is None:
                 request = request.model_copy(update={"webhook_events": DEFAULT_WEBHOOK_EVENTS})
+        ceiling = (
+            self.settings.default_max_priority if key.max_priority is None else key.max_priority
+        )
         return Job(
             id=new_job_id(),
             key_id=key.id,
@@ -87,6 +90,7 @@ class JobService:
             seed=random_seed() if request.seed is None else request.seed,
             steps=steps,
             cost=tier.cost(request.num_images),
+            priority=min(request.priority, ceiling),
             created_at=now(),
             batch_id=batch_id,
         )
@@ -166,7 +170,7 @@ class JobService:
         return Submitted(plan.jobs, created.credits, batch_id=plan.batch_id)
 
     def _message(self, job: Job) -> tuple[str, str]:
-        priority = broker_priority(job.request.priority, self.settings.effective_broker_url)
+        priority = broker_priority(job.priority, self.settings.effective_broker_url)
         return task_message(GENERATE_TASK, [job.id], self.tiers.get(job.tier).queue, priority)
 
     def _publish(self, jobs: list[Job]) -> None:
@@ -177,7 +181,7 @@ class JobService:
                     GENERATE_TASK,
                     args=[job.id],
                     queue=self.tiers.get(job.tier).queue,
-                    priority=broker_priority(job.request.priority, broker),
+                    priority=broker_priority(job.priority, broker),
                 )
             except Exception as exc:  # kombu raises several types when the broker is away
                 log.error("job %s: enqueue failed: %s", job.id, exc)

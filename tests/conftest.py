@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -159,6 +160,8 @@ def env(
         "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
         "SDQ_WEBHOOK_TIMEOUT_SECONDS": "3",
         "SDQ_LOG_LEVEL": "INFO",
+        # Tests make requests faster than a tenant's default rate; the limit has its own tests.
+        "SDQ_DEFAULT_RATE_PER_SECOND": "1000",
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
     return {**base, **values}
@@ -194,10 +197,11 @@ def keys(rclient: redis.Redis) -> KeyStore:
 
 @pytest.fixture
 def new_key(keys: KeyStore) -> Callable[..., str]:
-    """Factory: a fresh API key with the given credits; returns the raw key."""
+    """Factory: a fresh API key with the given credits (and limits, as ``KeyStore.create``
+    takes them); returns the raw key."""
 
-    def make(credits: int = 100) -> str:
-        raw, _ = keys.create(credits, name="test")
+    def make(credits: int = 100, **limits: Any) -> str:
+        raw, _ = keys.create(credits, name="test", **limits)
         return raw
 
     return make

@@ -112,8 +112,19 @@ def upload(
     return results
 
 
-def execute(ctx: WorkerContext, job_id: str) -> JobStatus:
-    """Run job ``job_id`` to a terminal state; returns the state it ended in."""
+def execute(ctx: WorkerContext, job_id: str, task_id: str | None = None) -> JobStatus | None:
+    """Run a job to a terminal state; returns the state it ended in.
+
+    With the ``task_id`` of the message sent for ``job_id``, the job run is the next of its
+    tier and priority in turn by key (fair share), or the one this message took before when
+    it is redelivered; ``None`` when no job was waiting any more.
+    """
+    if task_id is not None:
+        taken = ctx.store.take(job_id, task_id)
+        if taken is None:
+            log.info("message for job %s: no job waiting to run", job_id)
+            return None
+        job_id = taken
     if ctx.metrics is None:
         return run(ctx, job_id, None)
     # A job's metrics go to Redis together when it ends: one round trip between this job

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from celery import Task
 from celery.signals import worker_process_init
 
 from common.errors import ModelLoadError
@@ -41,7 +42,10 @@ def context() -> WorkerContext:
             )
         _context = WorkerContext(
             settings=settings,
-            store=JobStore(connect(settings.redis_url), finished_ttl=settings.job_ttl_seconds),
+            store=JobStore(
+                connect(settings.redis_url, timeout=settings.redis_socket_timeout_seconds),
+                finished_ttl=settings.job_ttl_seconds,
+            ),
             storage=make_storage(settings),
             local=local,
             remote=RemoteRunners(settings).for_url,
@@ -88,7 +92,9 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
     context().store.redis.rpush(reply_to, *times)
 
 
-@app.task(name=GENERATE_TASK, ignore_result=True)
-def generate(job_id: str) -> str:
-    """Run one job; the message carries its id only."""
-    return execute(context(), job_id).value
+@app.task(name=GENERATE_TASK, ignore_result=True, bind=True)
+def generate(self: Task, job_id: str) -> str | None:
+    """Run one job: the next in turn by key at the tier and priority of ``job_id``, the job
+    this message was sent for (the message carries its id only)."""
+    ended = execute(context(), job_id, task_id=self.request.id)
+    return None if ended is None else ended.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from common.errors import SdqError
+from common.errors import RateLimited, SdqError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,22 @@ def describe(
         loc = [str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")]
         field = ".".join((rename or {}).get(p, p) for p in loc) or "body"
         parts.append(f"{field}: {str(item.get('msg', 'invalid')).removeprefix('Value error, ')}")
-    return "; ".join(parts) or "invalid request"
+    # A field name may itself be a lone surrogate, which the JSON answer could not encode.
+    text = "; ".join(parts) or "invalid request"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def rate_limit_headers(exc: RateLimited) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (at least 1), and the IETF draft RateLimit fields
+    when the refusal came from the key's request rate."""
+    wait = max(1, math.ceil(exc.retry_after))
+    headers = {"Retry-After": str(wait)}
+    limit = exc.details.get("rate_limit")
+    if limit is not None:
+        headers["RateLimit-Limit"] = str(limit)
+        headers["RateLimit-Remaining"] = "0"
+        headers["RateLimit-Reset"] = str(wait)
+    return headers
 
 
 def install(app: FastAPI) -> None:
@@ -37,7 +53,10 @@ def install(app: FastAPI) -> None:
     async def sdq_error(request: Request, exc: SdqError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return ErrorBody(exc.status_code, exc.message, **exc.details)
+        body = ErrorBody(exc.status_code, exc.message, **exc.details)
+        if isinstance(exc, RateLimited):
+            body.headers.update(rate_limit_headers(exc))
+        return body
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

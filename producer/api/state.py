@@ -34,12 +34,14 @@ class AppState:
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         tiers = load_tiers(settings.tiers_file)
-        client = connect(settings.redis_url)
-        aclient = connect_async(settings.redis_url)
+        timeout = settings.redis_socket_timeout_seconds
+        client = connect(settings.redis_url, timeout=timeout)
+        aclient = connect_async(settings.redis_url, timeout=timeout)
         store = JobStore(
             client,
             finished_ttl=settings.job_ttl_seconds,
             idempotency_ttl=settings.idempotency_ttl_seconds,
+            max_jobs=settings.default_max_jobs,
             aio=aclient,
         )
         celery = make_celery(settings, tiers)
@@ -47,11 +49,11 @@ class AppState:
             settings=settings,
             tiers=tiers,
             store=store,
-            keys=KeyStore(client),
-            auth=AsyncKeyAuth(aclient),
+            keys=KeyStore(client, settings.default_rate_per_second),
+            auth=AsyncKeyAuth(aclient, settings.default_rate_per_second),
             storage=make_storage(settings),
             celery=celery,
             jobs=JobService(settings, store, tiers, celery),
-            deliveries=Deliveries(client),
+            deliveries=Deliveries(client, settings),
             aioredis=aclient,
         )

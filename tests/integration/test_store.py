@@ -238,28 +238,29 @@ def test_async_auth_matches_the_sync_one(keys: KeyStore, redis_url: str) -> None
         keys.authenticate(raw)
 
 
-def test_async_auth_remembers_known_keys_only(keys: KeyStore, redis_url: str) -> None:
-    raw, record = keys.create(5, name="cached")
+def test_auth_sees_a_revoked_or_deleted_key_at_once(keys: KeyStore, redis_url: str) -> None:
+    raw, record = keys.create(5, name="revoked")
+    other, _ = keys.create(5, name="kept")
 
     async def scenario() -> None:
         client = connect_async(redis_url)
-        auth = AsyncKeyAuth(client, ttl=0.3)
+        auth = AsyncKeyAuth(client)
         try:
             assert (await auth.authenticate(raw)).id == record.id
-            keys.redis.delete(f"sdq:apikey:{record.id}")
-            # Within the TTL the remembered record answers (the job store's Lua step still
-            # refuses to charge a deleted key); after it, the key is refused.
-            assert (await auth.authenticate(raw)).id == record.id
-            await asyncio.sleep(0.4)
-            with pytest.raises(Forbidden):
+            keys.revoke(record.id)
+            # Nothing is remembered between requests: the next one is refused.
+            with pytest.raises(Forbidden, match="revoked"):
                 await auth.authenticate(raw)
+            assert (await auth.authenticate(other)).name == "kept"
+            keys.redis.delete(f"sdq:apikey:{keys.find(other).id}")
             with pytest.raises(Forbidden):
-                await auth.authenticate("sdq_guess")
-            assert len(auth._known) == 0  # refusals are not remembered
+                await auth.authenticate(other)
         finally:
             await client.aclose()
 
     asyncio.run(scenario())
+    with pytest.raises(Forbidden, match="revoked"):
+        keys.authenticate(raw)
 
 
 def test_async_create_is_the_same_step(

@@ -1,0 +1,64 @@
+-- Charge a key once for a set of jobs and record them all as queued, or write nothing.
+--
+-- KEYS[1]  the key's hash            KEYS[2]  the key's jobs index (sorted by creation)
+-- KEYS[3]  the idempotency record    KEYS[4]  the batch record
+-- ARGV[1]  the plan, JSON built by JobStore._create_call from validated fields:
+--   cost, digest ('' without an Idempotency-Key), idempotency_ttl, timestamp, now,
+--   delivery_ttl, batch ('' for none), max_jobs (the default cap), and jobs: a list of
+--   {id, created_at, tier, priority, cost, fields (name -> JSON text), queued_delivery,
+--   list, message ('' and '' when the caller publishes to the broker itself)}.
+--
+-- Returns {1, credits_left}, {0, credits} when the key cannot pay, {2, record} when the
+-- Idempotency-Key was seen, {3, active, cap} over the key's cap of jobs at once,
+-- {-1} for an unknown key, {-2} for a revoked one.
+--
+-- Every check comes before the first write: an error or a refusal leaves nothing behind.
+
+local plan = cjson.decode(ARGV[1])
+if plan.digest ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {2, seen} end
+end
+local key = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'max_jobs', 'active')
+if not key[1] then return {-1, 0} end
+if key[2] == '1' then return {-2, 0} end
+local credits = tonumber(key[1])
+if credits < plan.cost then return {0, credits} end
+local cap = tonumber(key[3]) or plan.max_jobs
+local active = tonumber(key[4]) or 0
+if active + #plan.jobs > cap then return {3, active, cap} end
+
+local key_id = string.sub(KEYS[1], string.len('sdq:apikey:') + 1)
+local left = redis.call('HINCRBY', KEYS[1], 'credits', -plan.cost)
+redis.call('HINCRBY', KEYS[1], 'active', #plan.jobs)
+local ids = {}
+for _, job in ipairs(plan.jobs) do
+  if job.list ~= '' then redis.call('LPUSH', job.list, job.message) end
+  local jobkey = job_key(job.id)
+  local flat = {}
+  for name, value in pairs(job.fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  redis.call('HSET', jobkey, unpack(flat))
+  redis.call('ZADD', KEYS[2], job.created_at, job.id)
+  redis.call('ZADD', status_index(key_id, 'queued'), job.created_at, job.id)
+  redis.call('ZADD', 'sdq:queued:' .. job.tier, job.created_at, job.id)
+  -- Fair share: a ring of the keys with jobs waiting at this tier and priority.
+  local mine = fair_list(job.tier, job.priority, key_id)
+  if redis.call('RPUSH', mine, job.id) == 1 then
+    redis.call('RPUSH', fair_ring(job.tier, job.priority), key_id)
+  end
+  count('sdq_jobs_total', '{"status":"queued","tier":"' .. job.tier .. '"}', 1)
+  count('sdq_credits_debited_total', '{"tier":"' .. job.tier .. '"}', job.cost)
+  emit(jobkey, 'job.queued', plan.timestamp, job.queued_delivery, plan.now, plan.delivery_ttl)
+  ids[#ids + 1] = job.id
+end
+if plan.batch ~= '' then
+  redis.call('SET', KEYS[4], plan.batch, 'EX', plan.delivery_ttl)
+end
+if plan.digest ~= '' then
+  redis.call('SET', KEYS[3], plan.digest .. ' ' .. table.concat(ids, ','),
+    'EX', plan.idempotency_ttl)
+end
+return {1, left}

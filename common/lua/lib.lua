@@ -1,0 +1,69 @@
+-- Shared by every job script: common/lua/__init__.py prepends it to each one.
+-- Key names mirror common/store.py; a job hash's values are JSON, written by Python.
+
+local function job_key(id) return 'sdq:job:' .. id end
+local function apikey_key(id) return 'sdq:apikey:' .. id end
+local function status_index(key_id, status) return 'sdq:apikey:' .. key_id .. ':jobs:' .. status end
+local function fair_ring(tier, priority) return 'sdq:fair:' .. tier .. ':' .. priority end
+local function fair_list(tier, priority, key_id) return fair_ring(tier, priority) .. ':' .. key_id end
+
+-- Fleet metrics (common/metrics.py): a hash per metric, a field per label set.
+local function count(name, labels, amount)
+  redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)
+end
+
+-- A JSON string value of a job hash field, unquoted. The values were encoded by Python's
+-- json.dumps from validated fields, so a plain strip of the quotes is exact for ids/names.
+local function field(jobkey, name)
+  local raw = redis.call('HGET', jobkey, name)
+  if not raw then return nil end
+  return string.sub(raw, 2, -2)
+end
+
+-- What an event carries: the job without its key and its request (the request is stored
+-- once, on the record; webhook bodies add it back at send time).
+local function snapshot(jobkey)
+  local flat = redis.call('HGETALL', jobkey)
+  local parts = {}
+  for i = 1, #flat, 2 do
+    local name = flat[i]
+    if name ~= 'key_id' and name ~= 'request' and name ~= 'webhook' then
+      parts[#parts + 1] = '"' .. name .. '":' .. flat[i + 1]
+    end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- Schedule a webhook delivery of `etype` when the job asked for it. `ref_name`/`ref_value`
+-- say where its body comes from at send time: `seq` of a logged event, or `progress`.
+local function schedule(jobkey, etype, did, ts, now, dttl, ref_name, ref_value)
+  local hook = redis.call('HGET', jobkey, 'webhook')
+  if not hook then return end
+  hook = cjson.decode(hook)
+  for _, name in ipairs(hook['events']) do
+    if name == etype then
+      local dkey = 'sdq:webhook:' .. did
+      redis.call('HSET', dkey, 'id', did, 'job_id', field(jobkey, 'id'),
+        'key_id', field(jobkey, 'key_id'), 'event', etype, 'url', hook['url'],
+        'state', 'pending', 'attempts', 0, 'first_at', now, 'next_at', now,
+        'timestamp', ts, ref_name, ref_value)
+      redis.call('EXPIRE', dkey, dttl)
+      redis.call('RPUSH', jobkey .. ':webhooks', did)
+      redis.call('ZADD', 'sdq:webhooks:due', now, did)
+      redis.call('LPUSH', 'sdq:webhooks:wake', did)
+      redis.call('LTRIM', 'sdq:webhooks:wake', 0, 99)
+      return
+    end
+  end
+end
+
+-- Log a status event (its seq is its place in the log), publish it, schedule its webhook.
+local function emit(jobkey, etype, ts, did, now, dttl)
+  local eventskey = jobkey .. ':events'
+  local seq = redis.call('RPUSH', eventskey, '')
+  local event = '{"seq":' .. seq .. ',"type":"' .. etype .. '","timestamp":"' .. ts
+    .. '","data":' .. snapshot(jobkey) .. '}'
+  redis.call('LSET', eventskey, seq - 1, event)
+  redis.call('PUBLISH', 'sdq:events:' .. field(jobkey, 'id'), event)
+  schedule(jobkey, etype, did, ts, now, dttl, 'seq', seq)
+end

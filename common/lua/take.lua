@@ -1,0 +1,34 @@
+-- Which job a task message runs. Every job sends one message, but a message runs the next
+-- job of its tier and priority in turn by key (round robin), so one key's thousands of
+-- waiting jobs delay another key's new job by at most a few. A redelivered message (same
+-- task id) runs the job it took the first time.
+--
+-- KEYS[1]  the message's record (sdq:taken:<task id>)
+-- ARGV[1]  the id of the job the message was sent for; ARGV[2] the record's TTL;
+-- ARGV[3]  how many stale entries (jobs no longer queued) one call may skip.
+--
+-- Returns the job id to start, or false when there is nothing to run.
+
+local taken = redis.call('GET', KEYS[1])
+if taken then return taken end
+local hint = job_key(ARGV[1])
+local tier, priority = field(hint, 'tier'), redis.call('HGET', hint, 'priority')
+local chosen = false
+if tier and priority then
+  local ring = fair_ring(tier, priority)
+  for _ = 1, tonumber(ARGV[3]) do
+    local key_id = redis.call('LPOP', ring)
+    if not key_id then break end
+    local mine = fair_list(tier, priority, key_id)
+    local id = redis.call('LPOP', mine)
+    if redis.call('LLEN', mine) > 0 then redis.call('RPUSH', ring, key_id) end
+    if id and redis.call('HGET', job_key(id), 'status') == '"queued"' then
+      chosen = id
+      break
+    end
+  end
+end
+if not chosen and redis.call('HGET', hint, 'status') == '"queued"' then chosen = ARGV[1] end
+if not chosen then return false end
+redis.call('SET', KEYS[1], chosen, 'EX', tonumber(ARGV[2]))
+return chosen

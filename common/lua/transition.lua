@@ -1,0 +1,62 @@
+-- Compare-and-set a job's status, with what the change owes: the refund, the key's count
+-- of jobs at once, the status index, the event and its webhook.
+--
+-- KEYS[1]  the job's hash
+-- ARGV[1]  JSON: to (a status), allowed (statuses it may move from), terminal (bool),
+--          ttl (0: keep), refund (bool), delivery (bool: a worker received the job's
+--          message; count an attempt and return the job), event, timestamp, delivery_id,
+--          now, delivery_ttl, fields (name -> JSON text).
+--
+-- Returns {1, attempts, refunded credits or false, job fields (delivery only)},
+-- {0, current} when refused, {-1} when the job is missing.
+
+local jobkey = KEYS[1]
+local args = cjson.decode(ARGV[1])
+local cur = redis.call('HGET', jobkey, 'status')
+if not cur then return {-1} end
+cur = string.sub(cur, 2, -2)
+local allowed = false
+for _, status in ipairs(args.allowed) do
+  if status == cur then allowed = true end
+end
+if not allowed then return {0, cur} end
+
+local id, key_id, tier = field(jobkey, 'id'), field(jobkey, 'key_id'), field(jobkey, 'tier')
+local terminal_before = cur == 'succeeded' or cur == 'failed' or cur == 'canceled'
+redis.call('HSET', jobkey, 'status', '"' .. args.to .. '"')
+redis.call('ZREM', 'sdq:queued:' .. tier, id)
+if cur ~= args.to then
+  local created = redis.call('ZSCORE', status_index(key_id, cur), id)
+  redis.call('ZREM', status_index(key_id, cur), id)
+  redis.call('ZADD', status_index(key_id, args.to), created or args.now, id)
+end
+count('sdq_jobs_total', '{"status":"' .. args.to .. '","tier":"' .. tier .. '"}', 1)
+local flat = {}
+for name, value in pairs(args.fields) do
+  flat[#flat + 1] = name
+  flat[#flat + 1] = value
+end
+if #flat > 0 then redis.call('HSET', jobkey, unpack(flat)) end
+local attempts = tonumber(redis.call('HGET', jobkey, 'attempts') or '0')
+if args.delivery then attempts = redis.call('HINCRBY', jobkey, 'attempts', 1) end
+local owner = apikey_key(key_id)
+if args.terminal and not terminal_before and redis.call('EXISTS', owner) == 1 then
+  redis.call('HINCRBY', owner, 'active', -1)
+end
+local credits = false
+if args.refund and redis.call('HGET', jobkey, 'refunded') ~= 'true' then
+  local cost = tonumber(redis.call('HGET', jobkey, 'cost') or '0')
+  if cost > 0 and redis.call('EXISTS', owner) == 1 then
+    credits = redis.call('HINCRBY', owner, 'credits', cost)
+    count('sdq_credits_refunded_total', '{"tier":"' .. tier .. '"}', cost)
+  end
+  redis.call('HSET', jobkey, 'refunded', 'true')
+end
+emit(jobkey, args.event, args.timestamp, args.delivery_id, args.now, args.delivery_ttl)
+if args.ttl > 0 then
+  redis.call('EXPIRE', jobkey, args.ttl)
+  redis.call('EXPIRE', jobkey .. ':events', args.ttl)
+  redis.call('EXPIRE', jobkey .. ':webhooks', args.ttl)
+end
+if args.delivery then return {1, attempts, credits, redis.call('HGETALL', jobkey)} end
+return {1, attempts, credits}

@@ -37,7 +37,21 @@ def connect(url: str, retries: int = 20, timeout: float = 15.0) -> redis.Redis:
     return redis.Redis.from_url(url, **_options(Retry, retries, timeout))
 
 
+#: Connections one asyncio client opens at most; requests beyond wait for one to free.
+ASYNC_POOL_SIZE = 200
+
+
 def connect_async(url: str, retries: int = 20, timeout: float = 15.0) -> aioredis.Redis:
     """``connect`` for asyncio code, with the same retries. One per event loop: asyncio
-    connections belong to the loop that made them, so this is not cached."""
-    return aioredis.Redis.from_url(url, **_options(AsyncRetry, retries, timeout))
+    connections belong to the loop that made them, so this is not cached.
+
+    The pool blocks when every connection is busy (for up to ``timeout``): redis-py's default
+    asyncio pool raises ``MaxConnectionsError`` instead, which a burst of requests from one
+    tenant turned into 500s for everyone."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=ASYNC_POOL_SIZE,
+        timeout=timeout,
+        **_options(AsyncRetry, retries, timeout),
+    )
+    return aioredis.Redis.from_pool(pool)

@@ -6,22 +6,38 @@ import itertools
 import socket
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from common.job import Job
 from common.keys import KeyStore
 from common.redis import connect
 from common.settings import Settings
-from common.store import DUE_KEY, JobStore, delivery_id
+from common.store import DUE_KEY, JobStore, delivery_id, delivery_key, job_key, webhook_body
 from common.webhooks import Deliveries, Dispatcher, backoff, retry_after
 from tests.factories import queued_job
+from tests.receiver import Receiver
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Only Valkey is needed here, not the session's whole stack."""
+    return Settings(_env_file=None, webhook_allow_loopback=True, webhook_timeout_seconds=3)
 
 
 @pytest.fixture
 def store(redis_url: str) -> JobStore:
     """A database of its own: the session's API runs a dispatcher on database 0."""
     return JobStore(connect(redis_url.rsplit("/", 1)[0] + "/1"))
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture
@@ -71,7 +87,7 @@ def test_send_time_check_refuses_a_name_that_now_resolves_to_loopback(
     did = delivery_id(job.id, "job.queued")
     assert dispatcher.deliver(did) == "failed"
     assert hits == []
-    [delivery] = Deliveries(store.redis).for_job(job.id)
+    [delivery] = Deliveries(store.redis, settings).for_job(job.id)
     assert delivery.state == "failed" and delivery.attempts == 1
     assert delivery.history[0].error == (
         "webhook_url: 'hooks.example.com' resolves to 127.0.0.1, which is a loopback address"
@@ -88,6 +104,37 @@ def test_the_checked_address_is_the_one_connected_to(
     dispatcher = Dispatcher(store.redis, settings, resolver=lambda host, port: next(answers))
     dispatcher.deliver(delivery_id(job.id, "job.queued"))
     assert hits == [1]  # it connected to the address it checked, and resolved once
+
+
+def test_the_body_from_the_store_is_what_is_signed_and_sent(
+    settings: Settings, store: JobStore, keys: KeyStore, receiver: Receiver
+) -> None:
+    job = job_with_webhook(store, keys, receiver.url + "/signed")
+    did = delivery_id(job.id, "job.queued")
+    record = cast(dict[str, str], store.redis.hgetall(delivery_key(did)))
+    assert "body" not in record  # built at send time, from the job's one stored copy
+    dispatcher = Dispatcher(store.redis, settings)
+    assert dispatcher.deliver(did) == "delivered"
+    [received] = receiver.at("/signed")
+    body = webhook_body(store.redis, record)
+    assert body is not None and received.body.decode() == body
+    secret = keys.get(job.key_id).webhook_secret
+    Webhook(secret).verify(received.body, received.headers)  # raises when it does not match
+    assert received.headers["webhook-id"] == did
+    dispatcher.close()
+
+
+def test_a_delivery_whose_job_expired_fails(
+    settings: Settings, store: JobStore, keys: KeyStore, receiver: Receiver
+) -> None:
+    job = job_with_webhook(store, keys, receiver.url + "/expired")
+    store.redis.delete(job_key(job.id))
+    dispatcher = Dispatcher(store.redis, settings)
+    assert dispatcher.deliver(delivery_id(job.id, "job.queued")) == "failed"
+    assert receiver.at("/expired") == []
+    [delivery] = Deliveries(store.redis, settings).for_job(job.id)
+    assert delivery.last_error == "the job's record has expired"
+    dispatcher.close()
 
 
 def test_backoff_grows_and_retry_after_parses() -> None:

@@ -35,7 +35,8 @@ def manifests() -> list[dict[str, Any]]:
 def test_compose_services_and_health_checks() -> None:
     services = compose()["services"]
     assert set(services) == {
-        "valkey", "seaweedfs", "api", "worker-budget", "worker-normal", "worker-premium", "flower",
+        "valkey", "seaweedfs", "api", "dispatcher", "worker-budget", "worker-normal",
+        "worker-premium", "flower",
     }  # fmt: skip
     assert all("healthcheck" in service for service in services.values())
     valkey = " ".join(services["valkey"]["command"])
@@ -47,6 +48,12 @@ def test_compose_services_and_health_checks() -> None:
     assert "deploy" not in services["worker-budget"]
     assert services["worker-budget"]["environment"]["SDQ_MODEL"] == "/models/tiny-sdxl"
     assert "SDQ_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    # Webhooks go out from their own service, not from the API.
+    assert services["dispatcher"]["command"] == ["sdq", "dispatcher"]
+    assert services["dispatcher"]["image"] == services["api"]["image"]
+    api_env = services["api"]["environment"]
+    assert api_env.pop("SDQ_WEBHOOK_DISPATCHER") == "0"
+    assert services["dispatcher"]["environment"] == api_env
 
 
 def test_docker_compose_config_accepts_it(tmp_path: Path) -> None:
@@ -112,11 +119,22 @@ def test_every_tier_has_a_worker_and_a_scaler_on_its_queue() -> None:
         assert formula.count("+") == MAX_PRIORITY
 
 
+def test_webhooks_go_out_from_the_dispatcher_deployment() -> None:
+    deployments = {
+        doc["metadata"]["name"]: doc for doc in manifests() if doc["kind"] == "Deployment"
+    }
+    [dispatcher] = deployments["sdq-dispatcher"]["spec"]["template"]["spec"]["containers"]
+    [api] = deployments["sdq-api"]["spec"]["template"]["spec"]["containers"]
+    assert dispatcher["args"] == ["sdq", "dispatcher"] and dispatcher["image"] == api["image"]
+    assert dispatcher["envFrom"] == api["envFrom"]
+    assert {"name": "SDQ_WEBHOOK_DISPATCHER", "value": "0"} in api["env"]
+
+
 def test_api_flower_secret_and_config() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in manifests()}
     for expected in [
         ("Deployment", "sdq-api"), ("Service", "sdq-api"), ("HorizontalPodAutoscaler", "sdq-api"),
-        ("Deployment", "sdq-flower"), ("Service", "sdq-flower"),
+        ("Deployment", "sdq-flower"), ("Service", "sdq-flower"), ("Deployment", "sdq-dispatcher"),
         ("ConfigMap", "sdq-config"), ("Secret", "sdq-secrets"), ("Namespace", "sdq"),
     ]:  # fmt: skip
         assert expected in kinds

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 UP_ARGS ?=
 
-.PHONY: install up down test lint typecheck k8s chaos bench load clean
+.PHONY: install up down test lint typecheck k8s chaos hostile bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ chaos: install
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/chaos.py --jobs 20 --child-kills 0 --main-kills 0 --valkey-restarts 0 \
 		--s3-stops 0 --canary --visibility-timeout 4
+
+# Every hostile-tenant attack on a stack of its own; one line, non-zero if any hurt.
+hostile: install
+	$(BIN)/python bench/hostile.py
 
 bench: install
 	$(BIN)/python bench/bench.py

@@ -19,7 +19,6 @@ duplicates.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -43,21 +42,13 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.localstack import SDQ, T0, LocalStack, children, say  # noqa: E402
 from common.job import Job  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
-from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
 from common.store import JobStore, key_jobs_key  # noqa: E402
-from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
-
-SDQ = [sys.executable, "-m", "producer.cli"]
-T0 = time.monotonic()
-
-
-def say(message: str) -> None:
-    print(f"[{time.monotonic() - T0:7.2f}s] {message}", flush=True)
 
 
 @dataclass
@@ -91,31 +82,13 @@ def duplicate_causes(store: JobStore, jobs: list[Job | None], faults: list[Fault
     return causes
 
 
-class Harness:
+class Harness(LocalStack):
     def __init__(self, args: argparse.Namespace, home: Path) -> None:
-        self.args = args
-        self.home = home
-        self.valkey_port = free_port()
-        self.weed_ports = WeedPorts.around(free_port())
-        self.api_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.valkey_port}/0"
-        self.s3_url = f"http://127.0.0.1:{self.weed_ports.s3}"
-        self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SDQ_")},
-            "SDQ_ENV": "development",
-            "SDQ_HOME": str(home),
-            "SDQ_REDIS_URL": self.redis_url,
-            "SDQ_S3_ENDPOINT_URL": self.s3_url,
-            "SDQ_S3_ACCESS_KEY": "chaos",
-            "SDQ_S3_SECRET_KEY": "chaos-secret",
-            "SDQ_MODEL": str(home / "tiny-sdxl"),
+        extra = {
             "SDQ_VISIBILITY_TIMEOUT_SECONDS": str(args.visibility_timeout),
             "SDQ_MAX_DELIVERIES": "6",
-            "SDQ_WEBHOOK_ALLOW_LOOPBACK": "1",
             "SDQ_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
             "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
-            "SDQ_LOG_LEVEL": "INFO",
         }
         if args.workers > 1:
             # Each worker's torch would start one thread per core: two workers on two cores
@@ -123,40 +96,12 @@ class Harness:
             # (past the visibility timeout, so Redis handed them out again). One worker's
             # share of the cores each, as a machine with a device per worker would have.
             share = max(1, (os.cpu_count() or 1) // args.workers)
-            self.env["OMP_NUM_THREADS"] = str(share)
-        self.settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            redis_url=self.redis_url,
-            s3_endpoint_url=self.s3_url,
-            s3_access_key="chaos",
-            s3_secret_key="chaos-secret",  # type: ignore[arg-type]
-        )
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+            extra["OMP_NUM_THREADS"] = str(share)
+        super().__init__(home, "chaos", extra)
+        self.args = args
         self.faults: list[Fault] = []
 
     # --- processes -------------------------------------------------------------------
-    def spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-            start_new_session=True,
-        )  # fmt: skip
-        log.close()
-
-    def kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 20) -> None:
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def start_valkey(self) -> None:
-        self.spawn("valkey", valkey_argv(self.valkey_port, self.home / "valkey"))
-        wait_until(lambda: redis.Redis.from_url(self.redis_url).ping(), 20, "valkey")
-
     def start_worker(self, index: int) -> None:
         name = f"worker{index}"
         self.spawn(
@@ -165,23 +110,15 @@ class Harness:
         )
 
     def start(self) -> None:
-        (self.home / "valkey").mkdir(parents=True)
-        subprocess.run([*SDQ, "models", "build-tiny", str(self.home / "tiny-sdxl")], env=self.env,
+        subprocess.run([*SDQ, "models", "build-tiny", str(self.model_dir)], env=self.env,
                        check=True, capture_output=True)  # fmt: skip
         self.start_valkey()
-        self.spawn("weed", weed_argv(self.weed_ports, self.home / "weed", "chaos", "chaos-secret"))
-        wait_until(lambda: S3Storage(self.settings).ensure_bucket() is None, 60, "seaweedfs")
-        workers = str(getattr(self.args, "api_workers", 1))
-        self.spawn("api", [*SDQ, "api", "--port", str(self.api_port), "--workers", workers])
-        wait_until(lambda: httpx.get(f"{self.api_url}/readyz").status_code == 200, 60, "api")
+        self.start_s3()
+        self.start_api(getattr(self.args, "api_workers", 1))
         for index in range(self.args.workers):
             self.start_worker(index)
         wait_until(lambda: all("ready." in (self.home / f"worker{i}.log").read_text()
                           for i in range(self.args.workers)), 120, "workers")  # fmt: skip
-
-    def stop(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, wait=25)
 
     # --- faults ----------------------------------------------------------------------
     def fault(self, kind: str, message: str) -> None:
@@ -189,17 +126,7 @@ class Harness:
         say(f"FAULT {len(self.faults)}: {message}")
 
     def pool_children(self, name: str) -> list[int]:
-        parent = self.procs[name].pid
-        children = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == parent:
-                    children.append(int(entry.name))
-        return children
+        return children(self.procs[name].pid)
 
     def kill_child(self) -> None:
         name = random.choice([n for n in self.procs if n.startswith("worker")])

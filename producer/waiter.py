@@ -1,32 +1,52 @@
-"""Waiting for a job to end without polling the store in a tight loop."""
+"""Waiting for a job to end on the process's event hub, without polling the store in a tight
+loop."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
-from common.errors import JobTimeout
+from common.errors import JobTimeout, SdqError
 from common.job import Job
-from common.store import JobStore, events_channel
+from common.store import JobStore
+from producer.hub import RESYNC, Subscription
 
-# A safety net: re-read the record this often even when no event arrives.
+# A safety net, and how soon a client's disconnect is noticed: re-read the record this often
+# even when no event arrives.
 _POLL_SECONDS = 1.0
 
 
-async def wait_for_end(client: aioredis.Redis, store: JobStore, job_id: str, timeout: float) -> Job:
-    """The job once it is terminal; ``JobTimeout`` when it outlives ``timeout`` seconds."""
+class ClientGone(SdqError):
+    """The client hung up while waiting; the job goes on (``GET /v1/jobs`` lists it)."""
+
+    status_code = 499
+    message = "the client closed the connection"
+
+
+async def wait_for_end(
+    sub: Subscription,
+    store: JobStore,
+    job_id: str,
+    timeout: float,
+    *,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> Job:
+    """The job once it is terminal; ``JobTimeout`` when it outlives ``timeout`` seconds,
+    ``ClientGone`` as soon as ``disconnected()`` says so.
+
+    ``sub`` must follow ``job_id`` already: subscribed before the first read, an event
+    between the two is not missed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    # Subscribe before the first read, so an event between the two is not missed.
-    await pubsub.subscribe(events_channel(job_id))
-    try:
+    while True:
+        job = await run_in_threadpool(store.get, job_id)
+        if job.status.terminal:
+            return job
         while True:
-            job = await run_in_threadpool(store.get, job_id)
-            if job.status.terminal:
-                return job
+            if disconnected is not None and await disconnected():
+                raise ClientGone(job_id=job_id)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise JobTimeout(
@@ -34,6 +54,8 @@ async def wait_for_end(client: aioredis.Redis, store: JobStore, job_id: str, tim
                     f"GET /v1/jobs/{job_id} for its result",
                     job_id=job_id,
                 )
-            await pubsub.get_message(timeout=min(remaining, _POLL_SECONDS))
-    finally:
-        await pubsub.aclose()
+            event = await sub.next(min(remaining, _POLL_SECONDS))
+            # Progress (no seq) needs no read of the record; a status change, a resync or a
+            # quiet second do.
+            if event is None or event is RESYNC or "seq" in event:
+                break

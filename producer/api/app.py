@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -16,7 +17,10 @@ from common.metrics import FleetCollector
 from common.settings import Settings, get_settings
 from common.webhooks import Dispatcher
 from producer.api import errors, health, hotpot, v1
+from producer.api.limits import RequestLimits
 from producer.api.state import AppState
+from producer.hub import Hub
+from producer.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,36 @@ Errors are `{"code": N, "message": "..."}` with the HTTP status N.
 """
 
 
+#: The largest incomplete request head the h11 parser buffers (httptools, uvicorn's choice
+#: when installed, has no such bound).
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options that bound connections: how many, how long they may idle, how much
+    of an incomplete request head is buffered, and how long a shutdown waits for open
+    streams. Bodies are bounded in size and time by ``RequestLimits``."""
+    return {
+        # h11, not httptools: it bounds a request head's size, and BoundedH11Protocol its time.
+        "http": "producer.api.protocol:BoundedH11Protocol",
+        "timeout_keep_alive": settings.api_keep_alive_seconds,
+        # Over it, a request is answered 503 at once instead of queueing in the process.
+        "limit_concurrency": settings.api_max_connections,
+        "backlog": min(2048, settings.api_max_connections),
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        # Event streams stay open for up to stream_max_seconds: do not wait that long.
+        "timeout_graceful_shutdown": 10,
+    }
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     state = AppState.build(settings)
+    hub = Hub(
+        state.aioredis,
+        per_key=settings.streams_per_key,
+        per_process=settings.streams_per_process,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             run = Dispatcher(state.store.redis, settings).run
             dispatcher = threading.Thread(target=run, args=(stop,), name="webhooks", daemon=True)
             dispatcher.start()
+        if settings.reconciler:
+            # In every API process; one leads at a time.
+            reconcile = Reconciler(state.jobs).run
+            threading.Thread(target=reconcile, args=(stop,), name="reconciler", daemon=True).start()
+        await hub.start()
         yield
+        await hub.stop()
         stop.set()
         if dispatcher is not None:
             dispatcher.join(timeout=settings.webhook_timeout_seconds + 5)
@@ -58,10 +95,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="sdq", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.sdq = state
+    app.state.hub = hub
     errors.install(app)
-    app.include_router(hotpot.router_for(state.tiers))
-    app.include_router(v1.router)
-    app.include_router(health.router)
+    routers = [hotpot.router_for(state.tiers), v1.router, health.router]
+    for router in routers:
+        app.include_router(router)
+    # Authenticate and bound the body before FastAPI reads it (it does, before dependencies).
+    routes = [route for router in routers for route in router.routes]
+    app.add_middleware(RequestLimits, settings=settings, auth=state.auth, routes=routes)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(FleetCollector(state.store.redis, state.tiers))
 

@@ -6,7 +6,6 @@ arrives as a multipart *file* part; plain form fields and url-encoded bodies wor
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -17,7 +16,7 @@ from starlette.datastructures import UploadFile
 from common.errors import InvalidRequest, SdqError
 from common.job import JobRequest, JobStatus
 from common.tiers import Tiers
-from producer.api.deps import Key, State
+from producer.api.deps import EventHub, Key, State
 from producer.api.errors import describe
 from producer.waiter import wait_for_end
 
@@ -55,7 +54,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
         "description": "The image; `X-API-Credits-Left` tells the credits left.",
     },
-    **{code: _ERROR for code in (400, 401, 403, 404, 429, 500, 504)},
+    **{code: _ERROR for code in (400, 401, 403, 404, 408, 413, 429, 500, 503, 504)},
 }
 _OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
@@ -68,20 +67,30 @@ _OPENAPI_BODY: dict[str, Any] = {
 }
 
 
-async def read_fields(request: Request) -> dict[str, str]:
-    """The Hotpot fields of a multipart or url-encoded body, as text."""
+#: The longest a field may be, sent as a plain field or as a file part (Hotpot's own
+#: ``inputText`` is far shorter).
+MAX_FIELD_BYTES = 8 * 1024
+
+
+async def read_fields(request: Request, max_fields: int) -> dict[str, str]:
+    """The Hotpot fields of a multipart or url-encoded body, as text: at most ``max_fields``
+    parts, each at most ``MAX_FIELD_BYTES`` (400 naming the field)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise InvalidRequest(
             "send the fields as multipart/form-data or application/x-www-form-urlencoded"
         )
     fields: dict[str, str] = {}
-    async with request.form() as form:
-        for name, value in form.multi_items():
+    # The seed's Python example sends every field as a file part: files count as fields.
+    form = request.form(max_files=max_fields, max_fields=max_fields, max_part_size=MAX_FIELD_BYTES)
+    async with form as parts:
+        for name, value in parts.multi_items():
             if name not in FIELDS:
                 continue  # Hotpot clients may send options sdq does not have.
             if isinstance(value, UploadFile):
-                raw = await value.read()
+                raw = await value.read(MAX_FIELD_BYTES + 1)
+                if len(raw) > MAX_FIELD_BYTES:
+                    raise InvalidRequest(f"{name}: must be at most {MAX_FIELD_BYTES} bytes")
                 try:
                     fields[name] = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -107,15 +116,23 @@ def to_request(tier: str, fields: dict[str, str]) -> JobRequest:
 
 
 def _endpoint(tier: str) -> Any:
-    async def generate(request: Request, state: State, key: Key) -> Response:
-        job_request = to_request(tier, await read_fields(request))
-        submitted = await run_in_threadpool(
-            partial(state.jobs.submit, idempotency_key=request.headers.get("idempotency-key")),
-            key,
-            [job_request],
-        )
-        timeout = state.settings.sync_timeout_seconds
-        job = await wait_for_end(state.aioredis, state.store, submitted.jobs[0].id, timeout)
+    async def generate(request: Request, state: State, hub: EventHub, key: Key) -> Response:
+        fields = await read_fields(request, state.settings.max_form_fields)
+        job_request = to_request(tier, fields)
+        # The wait's slot before the charge: a wait refused (429, 503) costs nothing.
+        async with hub.open(key.id) as sub:
+            submitted = await state.jobs.submit_async(
+                key, [job_request], idempotency_key=request.headers.get("idempotency-key")
+            )
+            job_id = submitted.jobs[0].id
+            await sub.follow(job_id)
+            job = await wait_for_end(
+                sub,
+                state.store,
+                job_id,
+                state.settings.sync_timeout_seconds,
+                disconnected=request.is_disconnected,
+            )
         credits = await run_in_threadpool(state.keys.credits, key.id)
         if job.status is not JobStatus.SUCCEEDED:
             reason = job.error or f"the job was {job.status.value}"

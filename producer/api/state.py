@@ -42,6 +42,8 @@ class AppState:
             finished_ttl=settings.job_ttl_seconds,
             idempotency_ttl=settings.idempotency_ttl_seconds,
             max_jobs=settings.default_max_jobs,
+            lease_seconds=settings.lease_seconds,
+            stuck_ttl=settings.stuck_ttl_seconds,
             aio=aclient,
         )
         celery = make_celery(settings, tiers)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
@@ -14,12 +14,32 @@ from starlette.concurrency import run_in_threadpool
 
 from common.job import Job, JobRequest, JobStatus
 from common.keys import ApiKey
-from common.store import events_channel
-from producer.api.deps import Key, State
+from producer.api.deps import EventHub, Key, State
 from producer.api.state import AppState
+from producer.hub import RESYNC, Subscription
 from producer.schemas import Account, BatchView, JobPage, JobView
 
-router = APIRouter(prefix="/v1", tags=["Jobs"])
+
+def _error(code: int, message: str) -> dict[str, Any]:
+    return {
+        "description": message,
+        "content": {"application/json": {"example": {"code": code, "message": message}}},
+    }
+
+
+#: Every /v1 route takes a key, and each key has a request rate.
+_RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: _error(429, "rate limit exceeded; see Retry-After")
+}
+#: Routes with a body: bounded in size and in how long it may take to arrive.
+_BODY_LIMITS: dict[int | str, dict[str, Any]] = {
+    408: _error(408, "the request body did not arrive within 30s"),
+    413: _error(413, "request body too large: at most 65536 bytes here"),
+}
+# A quiet stream re-reads its job this often (an expired channel must not hang it).
+_QUIET_SECONDS = 15.0
+
+router = APIRouter(prefix="/v1", tags=["Jobs"], responses=_RATE_LIMITED)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -57,7 +77,7 @@ def replay_headers(response: Response, replayed: bool) -> None:
 
 # The submits are async: the create script runs on the asyncio client, where a sync handler
 # would pay two thread-pool hops (the handler, then FastAPI's response validation).
-@router.post("/jobs", status_code=202, response_model=JobView)
+@router.post("/jobs", status_code=202, response_model=JobView, responses=_BODY_LIMITS)
 async def create_job(
     body: JobRequest,
     state: State,
@@ -114,45 +134,86 @@ def owned_job_id(job_id: str, state: State, key: Key) -> str:
     return state.jobs.owned(key, job_id).id
 
 
-@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
-async def job_events(
+LastEventId = Annotated[
+    int,
+    Header(
+        ge=0,
+        le=10**9,
+        description="Resume after this event's `id` (its sequence number).",
+    ),
+]
+
+
+@dataclass
+class Stream:
+    job_id: str
+    sub: Subscription
+    after: int
+
+
+async def open_stream(
     job_id: Annotated[str, Depends(owned_job_id)],
-    state: State,
-    last_event_id: Annotated[int | None, Header()] = None,
+    hub: EventHub,
+    key: Key,
+    last_event_id: LastEventId = 0,
+) -> AsyncIterator[Stream]:
+    """The stream's slot (429 over the key's cap, 503 over the process's), subscribed
+    before the 200 goes out and before the log is read, so nothing falls between the two;
+    released when the response ends, however it ends."""
+    async with hub.open(key.id) as sub:
+        await sub.follow(job_id)
+        yield Stream(job_id, sub, last_event_id)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={503: _error(503, "this API process has no room for another event stream")},
+)
+async def job_events(
+    stream: Annotated[Stream, Depends(open_stream)], state: State
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: every status change (`id` = its sequence number, so a client can
     resume with `Last-Event-ID`) and `job.progress` per denoising step, ending with the
-    terminal event."""
-    pubsub = state.aioredis.pubsub(ignore_subscribe_messages=True)
-    # Subscribe before reading the log, so nothing falls between the two.
-    await pubsub.subscribe(events_channel(job_id))
-    try:
-        seen = last_event_id or 0
-        for event in await run_in_threadpool(state.store.events, job_id, seen):
-            seen = event["seq"]
-            yield _sse(event)
-            if _terminal(event):
-                return
-        while True:
-            message = await pubsub.get_message(timeout=15.0)
-            if message is None:
-                # Quiet: check the job has not ended behind our back (an expired channel).
-                job = await run_in_threadpool(state.store.get, job_id)
-                if job.status.terminal:
-                    for event in await run_in_threadpool(state.store.events, job_id, seen):
-                        yield _sse(event)
-                    return
-                continue
-            event = json.loads(message["data"])
-            if "seq" in event:
-                if event["seq"] <= seen:
+    terminal event. A key holds at most `SDQ_STREAMS_PER_KEY` streams and Hotpot waits at
+    once (429 beyond); a stream ends after `SDQ_STREAM_MAX_SECONDS`, to be resumed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.stream_max_seconds
+    job_id, seen = stream.job_id, stream.after
+    replay = True
+    while True:
+        if replay:
+            # The log from the last event seen: at the start, and after the hub reconnected
+            # to Redis (or this stream fell behind) and events may have been lost.
+            for logged in await run_in_threadpool(state.store.events, job_id, seen):
+                if logged["seq"] <= seen:
                     continue
-                seen = event["seq"]
-            yield _sse(event)
-            if _terminal(event):
+                seen = logged["seq"]
+                yield _sse(logged)
+                if _terminal(logged):
+                    return
+            replay = False
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return  # the client resumes with Last-Event-ID
+        event = await stream.sub.next(min(_QUIET_SECONDS, remaining))
+        if event is None:
+            job = await run_in_threadpool(state.store.get, job_id)
+            if job.status.terminal:
+                for logged in await run_in_threadpool(state.store.events, job_id, seen):
+                    yield _sse(logged)
                 return
-    finally:
-        await asyncio.shield(pubsub.aclose())
+            continue
+        if event is RESYNC:
+            replay = True
+            continue
+        if "seq" in event:
+            if event["seq"] <= seen:
+                continue
+            seen = event["seq"]
+        yield _sse(event)
+        if _terminal(event):
+            return
 
 
 def _sse(event: dict[str, Any]) -> ServerSentEvent:
@@ -164,7 +225,13 @@ def _terminal(event: dict[str, Any]) -> bool:
     return event["type"] in ("job.succeeded", "job.failed", "job.canceled")
 
 
-@router.post("/batches", status_code=202, response_model=BatchView, tags=["Batches"])
+@router.post(
+    "/batches",
+    status_code=202,
+    response_model=BatchView,
+    tags=["Batches"],
+    responses={**_BODY_LIMITS, 413: _error(413, "request body too large: at most 4194304 bytes")},
+)
 async def create_batch(
     body: BatchRequest,
     state: State,

@@ -1,0 +1,192 @@
+"""Bounds on a request before the app sees it: the caller's key, then its body.
+
+FastAPI reads a body before any dependency runs, so a caller without a key could make the
+process read and parse megabytes. ``RequestLimits`` runs first: it authenticates every route
+that takes a key (``deps.authenticate`` in its dependencies) from the headers alone, refuses a
+``Content-Length`` over the route's limit unread, and reads the body itself, counting while
+it arrives and within a deadline, before handing it on. A refusal whose body is left unread
+closes the connection, so the server does not drain it either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.dependencies.models import Dependant
+from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.errors import PayloadTooLarge, RateLimited, SdqError
+from common.keys import AsyncKeyAuth
+from common.settings import Settings
+from producer.api.deps import KEY_STATE, authenticate
+from producer.api.errors import ErrorBody, rate_limit_headers
+
+
+class BodyTimeout(SdqError, TimeoutError):
+    status_code = 408
+    message = "the request body did not arrive in time"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one route requires before its handler runs."""
+
+    needs_key: bool
+    max_body: int
+
+
+def body_limit(path: str, settings: Settings) -> int:
+    """The largest body a route's path accepts."""
+    if path == "/v1/batches":
+        return settings.max_batch_body_bytes
+    if path.startswith("/stable-diffusion-"):
+        return settings.max_form_body_bytes
+    return settings.max_body_bytes
+
+
+def _uses(dependant: Dependant, call: Any) -> bool:
+    return any(sub.call is call or _uses(sub, call) for sub in dependant.dependencies)
+
+
+class RequestLimits:
+    """Pure ASGI middleware: authenticate, then read a bounded body within a deadline.
+
+    ``routes`` are the API's own routes (``APIRoute``s, as the routers hold them): FastAPI
+    nests included routers in the app's list, where the route a request is for, and so its
+    dependencies, cannot be looked up."""
+
+    def __init__(
+        self, app: ASGIApp, *, settings: Settings, auth: AsyncKeyAuth, routes: Sequence[BaseRoute]
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.auth = auth
+        self.routes = routes
+        self._policies: dict[int, Policy] = {}
+        self._default = Policy(needs_key=False, max_body=settings.max_body_bytes)
+
+    def policy(self, scope: Scope) -> Policy:
+        """The policy of the route the request is for; a path none of ``routes`` knows
+        (health, docs, a 404) needs no key and gets the default body limit."""
+        partial: BaseRoute | None = None
+        route: BaseRoute | None = None
+        for candidate in self.routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate  # the path exists, the method does not (405)
+        route = route or partial
+        if route is None:
+            return self._default
+        policy = self._policies.get(id(route))
+        if policy is None:
+            dependant = getattr(route, "dependant", None)
+            needs_key = isinstance(dependant, Dependant) and _uses(dependant, authenticate)
+            path = getattr(route, "path", "")
+            policy = self._policies[id(route)] = Policy(needs_key, body_limit(path, self.settings))
+        return policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        length = _content_length(headers)
+        has_body = "transfer-encoding" in headers or bool(length)
+        policy = self.policy(scope)
+        if policy.needs_key:
+            try:
+                key = await self.auth.authenticate(headers.get("authorization"))
+            except SdqError as exc:
+                await _refuse(exc, scope, receive, send, close=has_body)
+                return
+            scope.setdefault("state", {})[KEY_STATE] = key
+        if not has_body:
+            await self.app(scope, receive, send)
+            return
+        if length is not None and length > policy.max_body:
+            await _refuse(_too_large(policy.max_body), scope, receive, send, close=True)
+            return
+        try:
+            body = await _read_body(receive, policy.max_body, self.settings.body_timeout_seconds)
+        except SdqError as exc:
+            await _refuse(exc, scope, receive, send, close=True)
+            return
+        except _ClientGone:
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body too large: at most {limit} bytes here")
+
+
+async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g}s") from None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body read already, then the server's own messages (``http.disconnect``)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _closing(send: Send) -> Send:
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing
+
+
+async def _refuse(exc: SdqError, scope: Scope, receive: Receive, send: Send, close: bool) -> None:
+    """The same body and headers the app's error handler gives ``exc``."""
+    response = ErrorBody(exc.status_code, exc.message, **exc.details)
+    if isinstance(exc, RateLimited):
+        response.headers.update(rate_limit_headers(exc))
+    await response(scope, receive, _closing(send) if close else send)
+
+
+def _content_length(headers: Headers) -> int | None:
+    value = headers.get("content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None

@@ -40,6 +40,11 @@ COUNTERS: dict[str, tuple[str, list[str]]] = {
     "sdq_credits_debited_total": ("Credits charged at submit.", ["tier"]),
     "sdq_credits_refunded_total": ("Credits refunded for failed or canceled jobs.", ["tier"]),
     "sdq_webhook_attempts_total": ("Webhook delivery attempts by outcome.", ["outcome"]),
+    "sdq_reconciled_total": (
+        "Jobs the reconciler fixed: requeued (lease ran out), failed (lost too often), "
+        "enqueued (queued without a message).",
+        ["action"],
+    ),
     "sdq_remote_fallbacks_total": (
         "Jobs served by a tier's remote API, by reason.",
         ["tier", "reason"],

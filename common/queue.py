@@ -10,7 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from common.settings import Settings
-from common.tiers import Tiers
+from common.tiers import Tier, Tiers
 from common.transport import NAME as REDIS_TRANSPORT
 from common.transport import PRIORITY_SEP, PRIORITY_STEPS
 
@@ -26,6 +26,18 @@ def broker_priority(priority: int, broker_url: str) -> int:
     """sdq's priority (9 runs first) as the broker counts it: RabbitMQ serves the highest
     number first, Celery's Redis transport the lowest."""
     return priority if is_amqp(broker_url) else MAX_PRIORITY - priority
+
+
+def time_limits(tier: Tier, settings: Settings) -> tuple[float, float]:
+    """A job's (hard, soft) time limits on ``tier``. At the soft one the task gets an
+    exception (the job fails, refunded); at the hard one, a minute later, Celery replaces
+    the pool child. Both stay below the visibility timeout."""
+    hard_cap = settings.hard_time_limit
+    soft = min(
+        tier.time_limit(settings.soft_limit_base_seconds, settings.soft_limit_seconds_per_step),
+        hard_cap * 0.9,
+    )
+    return min(soft + 60.0, hard_cap), soft
 
 
 def make_celery(settings: Settings, tiers: Tiers) -> Celery:
@@ -76,6 +88,8 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
             "interval_step": 0.5,
             "interval_max": 2.0,
         },
+        # A backstop for messages that carry no limits of their own (time_limits()).
+        task_time_limit=settings.hard_time_limit,
         # The pipeline loads in worker_process_init; the parent must wait for it.
         worker_proc_alive_timeout=settings.worker_proc_alive_timeout,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,

@@ -62,6 +62,29 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1)
     upload_retry_seconds: float = Field(60.0, ge=0, description="Keep retrying an upload.")
     visibility_timeout_seconds: int = Field(3600, ge=1)
+    lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        description="A running job's lease in the store, renewed every third of it while it "
+        "runs: a run whose lease ran out (its worker died) is taken over, not waited for.",
+    )
+    reconciler: bool = Field(True, description="Run the reconciler in the API (one leader).")
+    reconcile_interval_seconds: float = Field(5.0, gt=0)
+    stuck_ttl_seconds: int = Field(
+        30 * 86400, ge=3600, description="A record that never ends expires after this."
+    )
+    task_time_limit_seconds: int = Field(
+        3000, ge=10, description="Hard limit of one task; below the visibility timeout."
+    )
+    soft_limit_base_seconds: float = Field(
+        120.0, gt=0, description="A job's time limit: this, plus the next setting's share."
+    )
+    soft_limit_seconds_per_step: float = Field(
+        2.0, gt=0, description="Per step of a tier's largest job (max steps, size, images)."
+    )
+    remote_deadline_seconds: float = Field(
+        900.0, gt=0, description="The whole remote path of a job, retries and waits included."
+    )
     worker_proc_alive_timeout: float = Field(300.0, gt=0)
     worker_max_tasks_per_child: int | None = Field(None, ge=1)
 
@@ -113,6 +136,9 @@ class Settings(BaseSettings):
     streams_per_key: int = Field(20, ge=1, description="Event streams and sync waits a key holds.")
     streams_per_process: int = Field(2000, ge=1, description="The same, for one API process.")
     stream_max_seconds: float = Field(900.0, gt=0, description="An event stream ends after this.")
+    api_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request line and headers must arrive within this long."
+    )
     api_max_connections: int = Field(
         4000, ge=1, description="Connections one API process holds; more are answered 503."
     )
@@ -148,6 +174,12 @@ class Settings(BaseSettings):
         if self.storage_backend == "local" and self.local_storage_dir is None:
             raise ValueError("SDQ_STORAGE_BACKEND=local needs SDQ_LOCAL_STORAGE_DIR")
         return self
+
+    @property
+    def hard_time_limit(self) -> float:
+        """The task's hard limit, kept below the visibility timeout: a job still running when
+        the broker redelivers its message would run twice."""
+        return float(min(self.task_time_limit_seconds, self.visibility_timeout_seconds * 0.9))
 
     @property
     def effective_broker_url(self) -> str:

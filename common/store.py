@@ -28,6 +28,8 @@ from common.keys import apikey_key
 log = logging.getLogger(__name__)
 
 DUE_KEY = "sdq:webhooks:due"
+#: Running jobs by the end of their lease (kept by the Lua steps).
+RUNNING_KEY = "sdq:running"
 WAKE_KEY = "sdq:webhooks:wake"
 
 
@@ -98,6 +100,10 @@ class Transition:
     credits: int = -1
     #: The job as the transition left it; read in the same step, by ``start`` only.
     job: Job | None = None
+    #: The store's clock when it applied: a worker measures waits by it, not by its own.
+    clock: float | None = None
+    #: Who holds the live lease that refused a start (``host:pid``).
+    holder: str = ""
 
 
 @dataclass
@@ -172,6 +178,8 @@ class JobStore:
         idempotency_ttl: int = 86400,
         delivery_ttl: int = 9 * 86400,
         max_jobs: int = 1000,
+        lease_seconds: float = 30.0,
+        stuck_ttl: int = 30 * 86400,
         aio: aioredis.Redis | None = None,
     ) -> None:
         self.redis = client
@@ -180,6 +188,10 @@ class JobStore:
         self.delivery_ttl = delivery_ttl
         #: A key's cap of jobs queued or running, unless the key has its own.
         self.max_jobs = max_jobs
+        self.lease_seconds = lease_seconds
+        self.stuck_ttl = stuck_ttl
+        self._heartbeat = client.register_script(lua.source("heartbeat"))
+        self._requeue = client.register_script(lua.source("requeue"))
         self._create = client.register_script(lua.source("create"))
         self._transition = client.register_script(lua.source("transition"))
         self._progress = client.register_script(lua.source("progress"))
@@ -234,6 +246,7 @@ class JobStore:
             "timestamp": iso(jobs[0].created_at),
             "now": now(),
             "delivery_ttl": self.delivery_ttl,
+            "stuck_ttl": self.stuck_ttl,
             "batch": json.dumps(batch) if batch else "",
             "max_jobs": self.max_jobs,
             "jobs": [],
@@ -292,7 +305,8 @@ class JobStore:
                     "use a new key for a new request"
                 )
             return Created(ids.split(","), None, replayed=True)
-        for job in jobs:
+        for index, job in enumerate(jobs):
+            job.created_at = float(result[2]) + index / 1e6  # the store's clock, as recorded
             log.info("job %s queued on tier %s, cost %d", job.id, job.tier, job.cost)
         return Created([job.id for job in jobs], int(value))
 
@@ -351,10 +365,15 @@ class JobStore:
         fields: dict[str, Any] | None = None,
         refund: bool = False,
         delivery: bool = False,
+        expired_only: bool = False,
+        holder: str = "",
+        takeover_from: str = "",
     ) -> Transition:
         """Move ``job`` (a job, or only its id when nothing is refunded) to ``to`` if its
         current status is one of ``allowed_from``. ``delivery``: a worker received the job's
-        message; count an attempt and return the job as it now is."""
+        message; count an attempt, take the job's lease and return the job as it now is
+        (refused while another run's lease is live). ``expired_only``: refuse a running job
+        whose lease is live."""
         job_id = job if isinstance(job, str) else job.id
         event = EVENT_TYPES[to]
         moment = now()
@@ -365,6 +384,10 @@ class JobStore:
             "ttl": self.finished_ttl if to in TERMINAL else 0,
             "refund": refund,
             "delivery": delivery,
+            "lease": self.lease_seconds,
+            "holder": holder,
+            "takeover_from": takeover_from,
+            "expired_only": expired_only,
             "event": event,
             "timestamp": iso(moment),
             "delivery_id": delivery_id(job_id, event),
@@ -378,7 +401,7 @@ class JobStore:
         if result[0] == 0:
             current = JobStatus(result[1])
             log.info("job %s: refused %s -> %s", job_id, current.value, to.value)
-            return Transition(False, current)
+            return Transition(False, current, holder=str(result[2]) if len(result) > 2 else "")
         log.info("job %s -> %s", job_id, to.value)
         flat = result[3] if delivery else []
         return Transition(
@@ -387,7 +410,29 @@ class JobStore:
             attempts=int(result[1]),
             credits=-1 if result[2] is None else int(result[2]),
             job=_job(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None,
+            clock=float(result[4]),
         )
+
+    def heartbeat(self, job_id: str, attempt: int) -> JobStatus | None:
+        """Renew the lease of run ``attempt`` of a job; ``None`` when that run no longer
+        holds it (the job ended or was canceled, or another worker took it over)."""
+        status = self._heartbeat(keys=[job_key(job_id)], args=[self.lease_seconds, attempt])
+        return JobStatus(json.loads(status)) if status else None
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        """Running jobs whose lease ran out by the store's clock: their workers are gone."""
+        seconds, micros = self.redis.time()
+        ids = self.redis.zrangebyscore(
+            RUNNING_KEY, "-inf", seconds + micros / 1e6, start=0, num=limit
+        )
+        return [str(i) for i in ids]
+
+    def requeue(self, job_id: str, message: tuple[str, str] = ("", "")) -> bool:
+        """Queue a running job whose lease ran out again, at the front of its key's turn,
+        pushing ``message`` (broker list, payload) in the same step; False when its lease
+        is live or it is not running."""
+        queue, payload = message
+        return bool(self._requeue(keys=[job_key(job_id)], args=[queue, payload]))
 
     def take(self, job_id: str, task_id: str) -> str | None:
         """The job a task message sent for ``job_id`` runs: the next of its tier and
@@ -396,16 +441,18 @@ class JobStore:
         taken = self._take(keys=[taken_key(task_id)], args=[job_id, self.finished_ttl, _TAKE_SKIP])
         return str(taken) if taken else None
 
-    def start(self, job_id: str) -> Transition:
-        """``queued -> running`` when a worker receives the job's message; a redelivered
-        running job counts one more attempt. The transition carries the job as it now is:
-        the worker reads and starts it in one round trip."""
+    def start(self, job_id: str, holder: str = "", takeover_from: str = "") -> Transition:
+        """``queued -> running`` when a worker receives the job's message, taking its lease
+        as ``holder``; a redelivered running job whose lease ran out (or whose holder is
+        ``takeover_from``, known dead) counts one more attempt. The transition carries the
+        job as it now is: the worker reads and starts it in one round trip."""
         return self.transition(
             job_id,
             JobStatus.RUNNING,
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-            fields={"started_at": now()},
             delivery=True,
+            holder=holder,
+            takeover_from=takeover_from,
         )
 
     def succeed(
@@ -422,7 +469,6 @@ class JobStore:
             JobStatus.SUCCEEDED,
             allowed_from=[JobStatus.RUNNING],
             fields={
-                "finished_at": now(),
                 "images": [image.model_dump(mode="json") for image in images],
                 "backend": backend,
                 "model": model,
@@ -430,14 +476,16 @@ class JobStore:
             },
         )
 
-    def fail(self, job: Job, error: str) -> Transition:
-        """Fail a job that has not ended yet and refund its cost, once."""
+    def fail(self, job: Job, error: str, *, expired_only: bool = False) -> Transition:
+        """Fail a job that has not ended yet and refund its cost, once; ``expired_only``:
+        not while a run holds a live lease on it."""
         return self.transition(
             job,
             JobStatus.FAILED,
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-            fields={"finished_at": now(), "error": error},
+            fields={"error": error},
             refund=True,
+            expired_only=expired_only,
         )
 
     def cancel(self, job: Job) -> Transition:
@@ -447,7 +495,6 @@ class JobStore:
             job,
             JobStatus.CANCELED,
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-            fields={"finished_at": now()},
             refund=True,
         )
 

@@ -50,6 +50,12 @@ class Tier(BaseModel):
     def falls_back(self, policy: FallbackPolicy) -> bool:
         return self.remote_url is not None and policy in self.remote_fallback
 
+    def time_limit(self, base: float, per_step: float) -> float:
+        """Seconds its largest job (most steps, biggest size, most images) may take:
+        ``base`` plus ``per_step`` for each step of each image, scaled by megapixels."""
+        megapixels = self.max_side * self.max_side / (1024 * 1024)
+        return base + per_step * self.max_steps * max(1.0, megapixels) * self.max_images
+
     def cost(self, num_images: int) -> int:
         return self.price * num_images
 

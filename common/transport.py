@@ -51,13 +51,20 @@ def queue_key(queue: str, priority: int) -> str:
     return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
 
 
-def task_message(task: str, args: list[Any], queue: str, priority: int) -> tuple[str, str]:
+def task_message(
+    task: str,
+    args: list[Any],
+    queue: str,
+    priority: int,
+    limits: tuple[float, float] | None = None,
+) -> tuple[str, str]:
     """Celery's protocol-2 message for ``task(*args)`` on ``queue``, as kombu's Redis
     transport stores it: the list key and the payload to LPUSH.
 
     This is what ``send_task`` would write (tests/integration/test_transport.py compares
-    the two field by field). Built by hand so the job store can push it from the Lua step
-    that records and charges the job: a job is then either recorded and queued, or
+    the two field by field); ``limits`` are its (hard, soft) time limits. Built by hand
+    so the job store can push it from the Lua step that records and charges the job: a
+    job is then either recorded and queued, or
     neither, with one round trip instead of two. Celery offers no way to publish inside
     another store's transaction.
     """
@@ -78,7 +85,7 @@ def task_message(task: str, args: list[Any], queue: str, priority: int) -> tuple
             "group": None,
             "group_index": None,
             "retries": 0,
-            "timelimit": [None, None],
+            "timelimit": list(limits) if limits else [None, None],
             "root_id": task_id,
             "parent_id": None,
             "argsrepr": repr(args),

@@ -447,6 +447,30 @@ def dispatcher() -> None:
 
 
 @app.command()
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
+) -> None:
+    """Requeue jobs whose worker died (their lease ran out) and send the messages queued jobs
+    lack, every SDQ_RECONCILE_INTERVAL_SECONDS, while this process leads (the API processes
+    run one too unless SDQ_RECONCILER=0)."""
+    import threading
+
+    from producer.api.state import AppState
+    from producer.reconciler import Reconciler
+
+    _logging()
+    reconciler = Reconciler(AppState.build(get_settings()).jobs)
+    if once:
+        done = reconciler.once()
+        typer.echo(json.dumps(dict(done)))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reconciler.run(stop)
+
+
+@app.command()
 def flower(
     host: Annotated[str | None, typer.Option(help="Bind address (SDQ_FLOWER_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (SDQ_FLOWER_PORT).")] = None,

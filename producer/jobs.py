@@ -12,7 +12,7 @@ from functools import partial
 import anyio
 from celery import Celery
 
-from common.errors import Conflict, NotFound, QueueUnavailable
+from common.errors import Conflict, NotFound
 from common.job import (
     DEFAULT_WEBHOOK_EVENTS,
     Job,
@@ -24,7 +24,7 @@ from common.job import (
 )
 from common.keys import ApiKey
 from common.netguard import check_url
-from common.queue import GENERATE_TASK, broker_priority
+from common.queue import GENERATE_TASK, broker_priority, time_limits
 from common.settings import Settings
 from common.store import Created, JobStore, Transition, batch_key, request_digest
 from common.tiers import Tiers
@@ -155,7 +155,7 @@ class JobService:
                 "job_ids": [job.id for job in jobs],
                 "created_at": jobs[0].created_at,
             }
-        messages = [self._message(job) for job in jobs] if self.enqueue_in_store else None
+        messages = [self.message(job) for job in jobs] if self.enqueue_in_store else None
         return _Plan(jobs, idempotency, record, messages, batch_id)
 
     def _finish(self, plan: _Plan, created: Created) -> Submitted:
@@ -169,25 +169,35 @@ class JobService:
             self._publish(plan.jobs)
         return Submitted(plan.jobs, created.credits, batch_id=plan.batch_id)
 
-    def _message(self, job: Job) -> tuple[str, str]:
+    def message(self, job: Job) -> tuple[str, str]:
+        """The job's task message as the store's Redis holds it: (list, payload)."""
         priority = broker_priority(job.priority, self.settings.effective_broker_url)
-        return task_message(GENERATE_TASK, [job.id], self.tiers.get(job.tier).queue, priority)
+        tier = self.tiers.get(job.tier)
+        limits = time_limits(tier, self.settings)
+        return task_message(GENERATE_TASK, [job.id], tier.queue, priority, limits)
+
+    def publish(self, job: Job) -> None:
+        """Send the job's task message to a broker other than the store's Redis."""
+        tier = self.tiers.get(job.tier)
+        hard, soft = time_limits(tier, self.settings)
+        self.celery.send_task(
+            GENERATE_TASK,
+            args=[job.id],
+            queue=tier.queue,
+            priority=broker_priority(job.priority, self.settings.effective_broker_url),
+            time_limit=hard,
+            soft_time_limit=soft,
+        )
 
     def _publish(self, jobs: list[Job]) -> None:
-        broker = self.settings.effective_broker_url
-        for index, job in enumerate(jobs):
+        for job in jobs:
             try:
-                self.celery.send_task(
-                    GENERATE_TASK,
-                    args=[job.id],
-                    queue=self.tiers.get(job.tier).queue,
-                    priority=broker_priority(job.priority, broker),
-                )
+                self.publish(job)
             except Exception as exc:  # kombu raises several types when the broker is away
-                log.error("job %s: enqueue failed: %s", job.id, exc)
-                for unsent in jobs[index:]:
-                    self.store.fail(unsent, "the job queue was unavailable")
-                raise QueueUnavailable(job_id=job.id) from exc
+                # The jobs are charged and queued: the reconciler sends the messages that
+                # are missing once the broker answers, so the answer stays the truth (202).
+                log.warning("job %s: enqueue failed (%s); the reconciler will send it", job.id, exc)
+                return
 
     def cancel(self, key: ApiKey, job_id: str) -> Transition:
         """Cancel a queued job at once, a running one within 0.1 s and one step; refunded

@@ -38,6 +38,10 @@ class Account(BaseModel):
     name: str
     credits: int
     webhook_secret: str = Field(description="Verifies the `webhook-signature` of your webhooks.")
+    rate: float = Field(description="Requests a second this key may make, in bursts of as many.")
+    max_jobs: int = Field(description="Jobs it may have queued or running at once.")
+    active_jobs: int = Field(description="Jobs it has queued or running now.")
+    max_priority: int = Field(description="The highest priority its jobs run at.")
 
 
 class Event(BaseModel):

@@ -162,6 +162,9 @@ def env(
         "SDQ_LOG_LEVEL": "INFO",
         # Tests make requests faster than a tenant's default rate; the limit has its own tests.
         "SDQ_DEFAULT_RATE_PER_SECOND": "1000",
+        # Jobs written straight into the store by integration tests have no message: the
+        # reconciler sends them one, soon, so no other test's job waits behind them.
+        "SDQ_RECONCILE_INTERVAL_SECONDS": "1",
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
     return {**base, **values}

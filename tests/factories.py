@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
@@ -33,4 +34,13 @@ def queued_job(
         created_at=now() - age,
     )
     store.create([job])
+    if age:
+        # The store stamps creation with its own clock; a test backdates it afterwards.
+        job.created_at -= age
+        store.redis.hset(f"sdq:job:{job.id}", "created_at", json.dumps(job.created_at))
     return job
+
+
+def expire_lease(store: JobStore, job_id: str) -> None:
+    """End a running job's lease now, as the death of its worker would, once it ran out."""
+    store.redis.hset(f"sdq:job:{job_id}", "lease_until", "0")

@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
+from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError, StorageError
-from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus, now
+from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus
 from common.metrics import Recorder
+from common.queue import time_limits
 from common.settings import Settings
 from common.storage import Storage, object_key
 from common.store import JobStore
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.encode import encode
+from workers.lease import Lease
 from workers.pipeline import CudaOutOfMemory, Generation, StepCallback
 from workers.progress import Canceled, StepReporter
 
@@ -112,34 +118,70 @@ def upload(
     return results
 
 
+class StoreUnavailable(SdqError, ConnectionError):
+    """The job store failed past its client's retries: the message goes back to the queue
+    (never acked away), and runs again once the store answers."""
+
+
 def execute(ctx: WorkerContext, job_id: str, task_id: str | None = None) -> JobStatus | None:
     """Run a job to a terminal state; returns the state it ended in.
 
     With the ``task_id`` of the message sent for ``job_id``, the job run is the next of its
     tier and priority in turn by key (fair share), or the one this message took before when
-    it is redelivered; ``None`` when no job was waiting any more.
+    it is redelivered; ``None`` when no job was waiting any more. Every store error, at
+    any step, raises ``StoreUnavailable``.
     """
-    if task_id is not None:
-        taken = ctx.store.take(job_id, task_id)
-        if taken is None:
-            log.info("message for job %s: no job waiting to run", job_id)
-            return None
-        job_id = taken
-    if ctx.metrics is None:
-        return run(ctx, job_id, None)
-    # A job's metrics go to Redis together when it ends: one round trip between this job
-    # and the next, instead of one per figure.
-    with ctx.metrics.batch() as metrics:
-        return run(ctx, job_id, metrics)
+    try:
+        if task_id is not None:
+            taken = ctx.store.take(job_id, task_id)
+            if taken is None:
+                log.info("message for job %s: no job waiting to run", job_id)
+                return None
+            job_id = taken
+        if ctx.metrics is None:
+            return run(ctx, job_id, None)
+        # A job's metrics go to Redis together when it ends: one round trip between this
+        # job and the next, instead of one per figure.
+        with ctx.metrics.batch() as metrics:
+            return run(ctx, job_id, metrics)
+    except RedisError as exc:
+        log.error("job %s: the job store failed: %s; requeueing its message", job_id, exc)
+        raise StoreUnavailable(f"the job store failed: {exc}") from exc
+
+
+#: Who holds a lease this process takes: a pool child on this host.
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether ``holder`` was a process of this host that is gone: the broker redelivers a
+    killed pool child's message, often to the same node, and its lease need not be waited
+    out. A holder elsewhere cannot be checked: its lease runs out instead."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
-    started = ctx.store.start(job_id)  # reads the job in the same round trip
+    me = _holder()
+    started = ctx.store.start(job_id, holder=me)  # reads the job, takes its lease: one trip
+    if not started.applied and started.holder and _dead_here(started.holder):
+        log.warning("job %s: its run in %s died; taking it over", job_id, started.holder)
+        started = ctx.store.start(job_id, holder=me, takeover_from=started.holder)
     if not started.applied:
+        # Ended, canceled, or running elsewhere under a live lease: this message is spare.
         log.info("job %s: not started, it is %s", job_id, started.current.value)
         return started.current
     job = started.job
-    assert job is not None
+    assert job is not None and started.clock is not None
     if started.attempts > ctx.settings.max_deliveries:
         # The message came back after killing its worker too many times: stop the loop.
         message = f"gave up after {started.attempts - 1} deliveries: the worker was lost each time"
@@ -147,34 +189,51 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         ctx.store.fail(job, message)
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
+    waited = started.clock - job.created_at  # one clock, the store's
     if metrics and started.attempts == 1:
-        metrics.observe("sdq_queue_wait_seconds", now() - job.created_at, tier=job.tier)
+        metrics.observe("sdq_queue_wait_seconds", waited, tier=job.tier)
+    if job.tier not in ctx.tiers.names:
+        message = f"tier {job.tier} is no longer served (it left the tiers file)"
+        log.error("job %s: %s", job_id, message)
+        ctx.store.fail(job, message)
+        return JobStatus.FAILED
     tier = ctx.tiers.get(job.tier)
     generation = generation_for(job, tier.scheduler)
 
     try:
-        runner, reason = choose_runner(ctx, job, tier)
+        runner, reason = choose_runner(ctx, job, tier, waited)
         clock = time.monotonic()
-        with StepReporter(ctx.store, job) as on_step:
-            try:
-                images = runner.generate(generation, on_step)
-            except CudaOutOfMemory:
-                if not (job.request.allow_remote and tier.falls_back("oom")):
-                    raise
-                runner, reason = remote_runner(ctx, tier), "oom"
-                log.warning("job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url)
-                images = runner.generate(generation, on_step)
-        # Leaving the block sent the last steps: before the job's terminal event.
-        generated = time.monotonic()
-        results = upload(ctx, runner, job, images, generation.seeds)
-        uploaded = time.monotonic()
+        with Lease(ctx.store, job.id, started.attempts) as lease:
+            with StepReporter(ctx.store, job, lease=lease) as on_step:
+                try:
+                    images = runner.generate(generation, on_step)
+                except CudaOutOfMemory:
+                    if not (job.request.allow_remote and tier.falls_back("oom")):
+                        raise
+                    runner, reason = remote_runner(ctx, tier), "oom"
+                    log.warning(
+                        "job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url
+                    )
+                    images = runner.generate(generation, on_step)
+            # Leaving the block sent the last steps: before the job's terminal event.
+            generated = time.monotonic()
+            results = upload(ctx, runner, job, images, generation.seeds)
+            uploaded = time.monotonic()
     except Canceled:
-        log.info("job %s: canceled while running; stopped", job_id)
+        log.info("job %s: canceled, or taken over, while running; stopped", job_id)
         return JobStatus.CANCELED
+    except SoftTimeLimitExceeded:
+        _, soft = time_limits(tier, ctx.settings)
+        message = f"ran past the tier's time limit of {soft:.0f}s"
+        log.error("job %s: %s", job_id, message)
+        ctx.store.fail(job, message)
+        return JobStatus.FAILED
     except SdqError as exc:
         log.error("job %s failed: %s", job_id, exc.message)
         ctx.store.fail(job, exc.message)
         return JobStatus.FAILED
+    except RedisError:
+        raise  # the store, not the job: requeued by the caller
     except Exception:
         log.exception("job %s failed", job_id)
         ctx.store.fail(job, "internal error while generating")
@@ -189,7 +248,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         labels = {"tier": job.tier, "backend": runner.backend}
         metrics.observe("sdq_generation_seconds", generated - clock, **labels)
         metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
-        metrics.observe("sdq_job_duration_seconds", now() - job.created_at, **labels)
+        metrics.observe("sdq_job_duration_seconds", waited + uploaded - clock, **labels)
         if reason is not None:
             metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
     return JobStatus.SUCCEEDED
@@ -201,8 +260,11 @@ def remote_runner(ctx: WorkerContext, tier: Tier) -> Runner:
     return ctx.remote(tier.remote_url)
 
 
-def choose_runner(ctx: WorkerContext, job: Job, tier: Tier) -> tuple[Runner, str | None]:
-    """The local pipeline, or the tier's remote API when a fallback policy says so."""
+def choose_runner(
+    ctx: WorkerContext, job: Job, tier: Tier, waited: float = 0.0
+) -> tuple[Runner, str | None]:
+    """The local pipeline, or the tier's remote API when a fallback policy says so;
+    ``waited`` is how long the job waited in the queue, by the store's clock."""
     allowed = job.request.allow_remote
     if tier.remote_only:
         if not allowed:
@@ -223,7 +285,6 @@ def choose_runner(ctx: WorkerContext, job: Job, tier: Tier) -> tuple[Runner, str
             return remote_runner(ctx, tier), policy
         raise ModelLoadError(why)
     assert local is not None
-    waited = now() - job.created_at
     spill = tier.spillover_after_seconds
     if allowed and tier.falls_back("spillover") and spill is not None and waited > spill:
         log.info("job %s waited %.0fs; spilling over to %s", job.id, waited, tier.remote_url)

@@ -10,12 +10,14 @@ from redis.exceptions import RedisError
 
 from common.job import Job, JobStatus, now
 from common.store import JobStore
+from workers.lease import Lease
 
 log = logging.getLogger(__name__)
 
 
 class Canceled(Exception):
-    """Raised from the step callback when the job was canceled while it ran."""
+    """Raised from the step callback when the job was canceled while it ran, or when this
+    run lost the job to another (its lease ran out)."""
 
 
 class StepReporter:
@@ -39,9 +41,12 @@ class StepReporter:
     that an outage does not stall every step by its retries.
     """
 
-    def __init__(self, store: JobStore, job: Job, interval: float = 0.1) -> None:
+    def __init__(
+        self, store: JobStore, job: Job, interval: float = 0.1, lease: Lease | None = None
+    ) -> None:
         self.store = store
         self.job = job
+        self.lease = lease
         self.interval = interval
         self._steps: list[tuple[int, int, float]] = []
         self._sent_at = time.monotonic()
@@ -64,6 +69,8 @@ class StepReporter:
             raise Canceled()
 
     def __call__(self, step: int, total: int) -> None:
+        if self.lease is not None and self.lease.lost:
+            raise Canceled()
         self._steps.append((step, total, now()))
         if self._failed or time.monotonic() - self._sent_at < self.interval:
             return

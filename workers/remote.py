@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
+from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
 from common.errors import RemoteApiError
@@ -100,6 +101,7 @@ class HotpotClient:
         self.max_attempts = max_attempts
         self.breaker = breaker
         self._backoff = wait_exponential_jitter(multiplier=retry_base, max=60, jitter=retry_base)
+        self.timeout = timeout
         self.http = httpx.Client(timeout=timeout, follow_redirects=False)
         self.credits_left: int | None = None
 
@@ -109,28 +111,38 @@ class HotpotClient:
             return min(error.retry_after, 300.0)
         return float(self._backoff(state))
 
-    def generate(self, fields: dict[str, str]) -> bytes:
-        """The image bytes for one request; raises ``RemoteApiError`` when it cannot."""
+    def generate(self, fields: dict[str, str], deadline: float | None = None) -> bytes:
+        """The image bytes for one request; raises ``RemoteApiError`` when it cannot, or
+        when the ``deadline`` (``time.monotonic()``) would pass before the next attempt."""
         self.breaker.check()
+        stop: stop_base = stop_after_attempt(self.max_attempts)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemoteApiError("the remote API's time for this job ran out")
+            stop = stop | stop_before_delay(left)
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
+            stop=stop,
             wait=self._wait,
             retry=retry_if_exception_type(RetryableRemoteError),
             reraise=True,
         )
         try:
-            body = retrying(self._call, fields)
+            body = retrying(self._call, fields, deadline)
         except RetryableRemoteError:
             self.breaker.failure()
             raise
         self.breaker.success()
         return body
 
-    def _call(self, fields: dict[str, str]) -> bytes:
+    def _call(self, fields: dict[str, str], deadline: float | None = None) -> bytes:
         files = {name: (None, value) for name, value in fields.items()}
+        timeout = self.http.timeout
+        if deadline is not None:
+            timeout = httpx.Timeout(max(0.1, min(self.timeout, deadline - time.monotonic())))
         try:
             response = self.http.post(
-                self.url, headers={"Authorization": self.api_key}, files=files
+                self.url, headers={"Authorization": self.api_key}, files=files, timeout=timeout
             )
         except httpx.HTTPError as exc:
             raise RetryableRemoteError(f"remote API unreachable: {exc}") from exc
@@ -151,8 +163,10 @@ class RemoteRunner:
     backend = "remote"
     load_error: str | None = None
 
-    def __init__(self, client: HotpotClient) -> None:
+    def __init__(self, client: HotpotClient, deadline_seconds: float | None = None) -> None:
         self.client = client
+        #: The whole of one job's remote path, its images, retries and waits together.
+        self.deadline_seconds = deadline_seconds
 
     @property
     def model_name(self) -> str:
@@ -162,6 +176,9 @@ class RemoteRunner:
         self, generation: Generation, on_step: StepCallback | None = None
     ) -> list[Image.Image]:
         images: list[Image.Image] = []
+        deadline = None
+        if self.deadline_seconds is not None:
+            deadline = time.monotonic() + self.deadline_seconds
         for seed in generation.seeds:
             fields = {
                 "inputText": generation.prompt,
@@ -174,7 +191,7 @@ class RemoteRunner:
                 fields["negativePrompt"] = generation.negative_prompt
             if generation.width and generation.height:
                 fields["width"], fields["height"] = str(generation.width), str(generation.height)
-            body = self.client.generate(fields)
+            body = self.client.generate(fields, deadline)
             try:
                 image = Image.open(io.BytesIO(body))
                 image.load()
@@ -208,7 +225,7 @@ class RemoteRunners:
                     retry_base=s.remote_retry_base_seconds,
                     breaker=breaker,
                 )
-                self._runners[url] = RemoteRunner(client)
+                self._runners[url] = RemoteRunner(client, s.remote_deadline_seconds)
             return self._runners[url]
 
     def close(self) -> None:

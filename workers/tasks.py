@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
 
 from common.errors import ModelLoadError
@@ -18,7 +19,7 @@ from common.storage import make_storage
 from common.store import JobStore
 from common.tiers import load_tiers
 from workers.celery_app import app
-from workers.execute import WorkerContext, execute
+from workers.execute import StoreUnavailable, WorkerContext, execute
 from workers.pipeline import Generation, SdxlRunner
 from workers.remote import RemoteRunners
 
@@ -45,6 +46,8 @@ def context() -> WorkerContext:
             store=JobStore(
                 connect(settings.redis_url, timeout=settings.redis_socket_timeout_seconds),
                 finished_ttl=settings.job_ttl_seconds,
+                lease_seconds=settings.lease_seconds,
+                stuck_ttl=settings.stuck_ttl_seconds,
             ),
             storage=make_storage(settings),
             local=local,
@@ -96,5 +99,9 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
 def generate(self: Task, job_id: str) -> str | None:
     """Run one job: the next in turn by key at the tier and priority of ``job_id``, the job
     this message was sent for (the message carries its id only)."""
-    ended = execute(context(), job_id, task_id=self.request.id)
+    try:
+        ended = execute(context(), job_id, task_id=self.request.id)
+    except StoreUnavailable as exc:
+        # Back to the queue, not acked away: the job's record could not be moved on.
+        raise Reject(exc.message, requeue=True) from exc
     return None if ended is None else ended.value

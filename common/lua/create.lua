@@ -4,11 +4,14 @@
 -- KEYS[3]  the idempotency record    KEYS[4]  the batch record
 -- ARGV[1]  the plan, JSON built by JobStore._create_call from validated fields:
 --   cost, digest ('' without an Idempotency-Key), idempotency_ttl, timestamp, now,
---   delivery_ttl, batch ('' for none), max_jobs (the default cap), and jobs: a list of
+--   delivery_ttl, stuck_ttl, batch ('' for none), max_jobs (the default cap), and jobs: a list of
 --   {id, created_at, tier, priority, cost, fields (name -> JSON text), queued_delivery,
 --   list, message ('' and '' when the caller publishes to the broker itself)}.
 --
--- Returns {1, credits_left}, {0, credits} when the key cannot pay, {2, record} when the
+-- `created_at` is the store's clock, so waits are measured on one clock; the last-resort
+-- TTL (stuck_ttl) bounds a record that never ends.
+--
+-- Returns {1, credits_left, created_at}, {0, credits} when the key cannot pay, {2, record} when the
 -- Idempotency-Key was seen, {3, active, cap} over the key's cap of jobs at once,
 -- {-1} for an unknown key, {-2} for a revoked one.
 --
@@ -28,11 +31,14 @@ local cap = tonumber(key[3]) or plan.max_jobs
 local active = tonumber(key[4]) or 0
 if active + #plan.jobs > cap then return {3, active, cap} end
 
+local created = clock()
 local key_id = string.sub(KEYS[1], string.len('sdq:apikey:') + 1)
 local left = redis.call('HINCRBY', KEYS[1], 'credits', -plan.cost)
 redis.call('HINCRBY', KEYS[1], 'active', #plan.jobs)
 local ids = {}
-for _, job in ipairs(plan.jobs) do
+for i, job in ipairs(plan.jobs) do
+  -- A microsecond apart, so a batch keeps its order in every index.
+  local created_text = string.format('%.6f', created + (i - 1) / 1000000)
   if job.list ~= '' then redis.call('LPUSH', job.list, job.message) end
   local jobkey = job_key(job.id)
   local flat = {}
@@ -41,9 +47,11 @@ for _, job in ipairs(plan.jobs) do
     flat[#flat + 1] = value
   end
   redis.call('HSET', jobkey, unpack(flat))
-  redis.call('ZADD', KEYS[2], job.created_at, job.id)
-  redis.call('ZADD', status_index(key_id, 'queued'), job.created_at, job.id)
-  redis.call('ZADD', 'sdq:queued:' .. job.tier, job.created_at, job.id)
+  redis.call('HSET', jobkey, 'created_at', created_text)
+  redis.call('EXPIRE', jobkey, plan.stuck_ttl)
+  redis.call('ZADD', KEYS[2], created_text, job.id)
+  redis.call('ZADD', status_index(key_id, 'queued'), created_text, job.id)
+  redis.call('ZADD', 'sdq:queued:' .. job.tier, created_text, job.id)
   -- Fair share: a ring of the keys with jobs waiting at this tier and priority.
   local mine = fair_list(job.tier, job.priority, key_id)
   if redis.call('RPUSH', mine, job.id) == 1 then
@@ -61,4 +69,4 @@ if plan.digest ~= '' then
   redis.call('SET', KEYS[3], plan.digest .. ' ' .. table.concat(ids, ','),
     'EX', plan.idempotency_ttl)
 end
-return {1, left}
+return {1, left, string.format('%.6f', created)}

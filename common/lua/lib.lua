@@ -7,6 +7,12 @@ local function status_index(key_id, status) return 'sdq:apikey:' .. key_id .. ':
 local function fair_ring(tier, priority) return 'sdq:fair:' .. tier .. ':' .. priority end
 local function fair_list(tier, priority, key_id) return fair_ring(tier, priority) .. ':' .. key_id end
 
+-- The store's clock, in seconds: every machine's leases and waits are measured by it.
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
 -- Fleet metrics (common/metrics.py): a hash per metric, a field per label set.
 local function count(name, labels, amount)
   redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)

@@ -4,11 +4,19 @@
 -- KEYS[1]  the job's hash
 -- ARGV[1]  JSON: to (a status), allowed (statuses it may move from), terminal (bool),
 --          ttl (0: keep), refund (bool), delivery (bool: a worker received the job's
---          message; count an attempt and return the job), event, timestamp, delivery_id,
---          now, delivery_ttl, fields (name -> JSON text).
+--          message; count an attempt, take the lease and return the job), lease (seconds),
+--          holder (who takes the lease: host and pid), takeover_from (a holder known dead:
+--          its lease is not waited out), expired_only (bool: refuse a running job whose
+--          lease is live), event, timestamp,
+--          delivery_id, now, delivery_ttl, fields (name -> JSON text).
 --
--- Returns {1, attempts, refunded credits or false, job fields (delivery only)},
--- {0, current} when refused, {-1} when the job is missing.
+-- A running job holds a lease (`lease_until`, and its place in sdq:running): a delivery
+-- of a job whose lease is live is refused (its run goes on elsewhere), one whose lease ran
+-- out takes the job over. Times come from the store's clock. `started_at` is stamped on a
+-- delivery, `finished_at` on a terminal status.
+--
+-- Returns {1, attempts, refunded credits or false, job fields (delivery only), the
+-- store's time}, {0, current, lease holder} when refused, {-1} when the job is missing.
 
 local jobkey = KEYS[1]
 local args = cjson.decode(ARGV[1])
@@ -20,6 +28,14 @@ for _, status in ipairs(args.allowed) do
   if status == cur then allowed = true end
 end
 if not allowed then return {0, cur} end
+local t = clock()
+if cur == 'running' and (args.delivery or args.expired_only) then
+  local lease = tonumber(redis.call('HGET', jobkey, 'lease_until') or '0')
+  local holder = field(jobkey, 'lease_holder') or ''
+  if lease > t and (holder == '' or holder ~= args.takeover_from) then
+    return {0, cur, holder}
+  end
+end
 
 local id, key_id, tier = field(jobkey, 'id'), field(jobkey, 'key_id'), field(jobkey, 'tier')
 local terminal_before = cur == 'succeeded' or cur == 'failed' or cur == 'canceled'
@@ -38,7 +54,18 @@ for name, value in pairs(args.fields) do
 end
 if #flat > 0 then redis.call('HSET', jobkey, unpack(flat)) end
 local attempts = tonumber(redis.call('HGET', jobkey, 'attempts') or '0')
-if args.delivery then attempts = redis.call('HINCRBY', jobkey, 'attempts', 1) end
+local stamp = string.format('%.6f', t)
+if args.delivery then
+  attempts = redis.call('HINCRBY', jobkey, 'attempts', 1)
+  local lease = string.format('%.6f', t + args.lease)
+  redis.call('HSET', jobkey, 'lease_until', lease, 'lease_holder', cjson.encode(args.holder),
+    'started_at', stamp)
+  redis.call('ZADD', 'sdq:running', lease, id)
+end
+if args.terminal then
+  redis.call('HSET', jobkey, 'finished_at', stamp)
+  redis.call('ZREM', 'sdq:running', id)
+end
 local owner = apikey_key(key_id)
 if args.terminal and not terminal_before and redis.call('EXISTS', owner) == 1 then
   redis.call('HINCRBY', owner, 'active', -1)
@@ -58,5 +85,5 @@ if args.ttl > 0 then
   redis.call('EXPIRE', jobkey .. ':events', args.ttl)
   redis.call('EXPIRE', jobkey .. ':webhooks', args.ttl)
 end
-if args.delivery then return {1, attempts, credits, redis.call('HGETALL', jobkey)} end
-return {1, attempts, credits}
+if args.delivery then return {1, attempts, credits, redis.call('HGETALL', jobkey), stamp} end
+return {1, attempts, credits, false, stamp}

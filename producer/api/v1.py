@@ -276,11 +276,18 @@ def batch_view(
 
 @router.get("/account", response_model=Account, tags=["Account"])
 def account(state: State, key: Key) -> Account:
-    """The key's credits and its webhook signing secret (`whsec_...`)."""
+    """The key's credits, its limits and its webhook signing secret (`whsec_...`)."""
     current = state.keys.get(key.id)
+    s = state.settings
     return Account(
         id=current.id,
         name=current.name,
         credits=current.credits,
         webhook_secret=current.webhook_secret,
+        rate=current.rate or s.default_rate_per_second,
+        max_jobs=current.max_jobs or s.default_max_jobs,
+        active_jobs=current.active,
+        max_priority=s.default_max_priority
+        if current.max_priority is None
+        else current.max_priority,
     )

@@ -42,7 +42,9 @@ def poison_worker(
     queue = f"sdq.poison-{uuid.uuid4().hex[:8]}"
     tiers = home / "tiers.toml"
     builtin = (Path(__file__).resolve().parents[2] / "common" / "tiers.toml").read_text()
-    tiers.write_text(builtin.replace('queue = "sdq.normal"', f'queue = "{queue}"'))
+    # A tier of its own: keys take turns within a tier, so no other worker may run the job.
+    own = builtin.replace('queue = "sdq.normal"', f'queue = "{queue}"')
+    tiers.write_text(own.replace("[tiers.normal]", "[tiers.poison]"))
     worker_env = {
         **env,
         "PYTHONPATH": str(home),
@@ -56,7 +58,7 @@ def poison_worker(
         "producer.cli",
         "worker",
         "--tier",
-        "normal",
+        "poison",
         "--name",
         f"poison-{queue}@test",
     ]
@@ -80,7 +82,7 @@ def test_a_job_that_kills_its_worker_ends_failed_and_refunded(
     key = keys.create(10)[1]
     request = JobRequest(prompt="POISON pill", steps=2)
     job = Job(
-        id=new_job_id(), key_id=key.id, tier="normal", status=JobStatus.QUEUED,
+        id=new_job_id(), key_id=key.id, tier="poison", status=JobStatus.QUEUED,
         request=request, seed=1, steps=2, cost=2, created_at=now(),
     )  # fmt: skip
     store.create([job])

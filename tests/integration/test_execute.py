@@ -15,7 +15,7 @@ from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
-from tests.factories import queued_job
+from tests.factories import expire_lease, queued_job
 from workers.execute import WorkerContext, execute
 from workers.pipeline import Generation, SdxlRunner
 
@@ -85,6 +85,7 @@ def test_a_job_that_keeps_killing_workers_ends_failed(settings, store, keys, sto
     job = queued(store, keys, credits=10)
     for _ in range(settings.max_deliveries):
         store.start(job.id)  # each delivery whose worker died
+        expire_lease(store, job.id)
     ctx = WorkerContext(settings, store, storage, BrokenRunner())
     assert execute(ctx, job.id) is JobStatus.FAILED
     failed = store.get(job.id)

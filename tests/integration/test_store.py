@@ -17,6 +17,7 @@ from common.queue import GENERATE_TASK
 from common.redis import connect_async
 from common.store import JobStore, events_key, job_key
 from common.transport import task_message
+from tests.factories import expire_lease
 
 
 @pytest.fixture
@@ -174,6 +175,9 @@ def test_redelivery_counts_attempts(store: JobStore, account) -> None:
     job = make_job(account(5))
     store.create([job])
     assert store.start(job.id).attempts == 1
+    refused = store.start(job.id)  # a spare message while the run's lease is live
+    assert not refused.applied and refused.current is JobStatus.RUNNING
+    expire_lease(store, job.id)
     assert store.start(job.id).attempts == 2  # the worker died; the broker redelivered
     assert store.get(job.id).attempts == 2
 
@@ -182,7 +186,8 @@ def test_finished_jobs_expire(rclient: redis.Redis, account) -> None:
     store = JobStore(rclient, finished_ttl=120)
     job = make_job(account(5))
     store.create([job])
-    assert rclient.ttl(job_key(job.id)) == -1
+    # A record that never ends expires too, as a last resort, long after any retry.
+    assert rclient.ttl(job_key(job.id)) > 7 * 86400
     store.cancel(job)
     assert 0 < rclient.ttl(job_key(job.id)) <= 120
     assert 0 < rclient.ttl(events_key(job.id)) <= 120

@@ -44,3 +44,4 @@ def queued_job(
 def expire_lease(store: JobStore, job_id: str) -> None:
     """End a running job's lease now, as the death of its worker would, once it ran out."""
     store.redis.hset(f"sdq:job:{job_id}", "lease_until", "0")
+    store.redis.zadd("sdq:running", {job_id: 0}, xx=True)

@@ -2,7 +2,8 @@
 
 ``bench/chaos.py`` and ``bench/hostile.py`` start one each. Every process runs in its own
 session, so stopping it stops its children (a Celery worker's pool) too; logs go to
-``<home>/<name>.log``.
+``<home>/<name>.log``. With another broker (RabbitMQ), ``OwnQueues`` gives the run queues of
+its own, as the tests' ``broker`` fixture does.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def say(message: str) -> None:
 
 
 def children(pid: int) -> list[int]:
-    """The direct children of ``pid``, from /proc."""
+    """The direct children of ``pid`` that are alive (not zombies yet to be reaped), from
+    /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -43,7 +45,7 @@ def children(pid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry.name))
     return found
 
@@ -61,6 +63,29 @@ def tree_rss(pid: int) -> int:
                     break
         pending += children(current)
     return total
+
+
+class OwnQueues:
+    """A broker's queues for one run: a tiers file naming them with ``prefix``, and their
+    deletion at the end (``delete``)."""
+
+    def __init__(self, url: str, home: Path, prefix: str) -> None:
+        self.url = url
+        self.tiers_file = home / "tiers.toml"
+        builtin = (ROOT / "common" / "tiers.toml").read_text()
+        self.tiers_file.write_text(builtin.replace('queue = "sdq.', f'queue = "{prefix}.'))
+        self.env = {"SDQ_BROKER_URL": url, "SDQ_TIERS_FILE": str(self.tiers_file)}
+
+    def delete(self) -> None:
+        from kombu import Connection
+
+        from common.tiers import load_tiers
+
+        with Connection(self.url) as conn:
+            channel = conn.channel()
+            for tier in load_tiers(self.tiers_file):
+                with contextlib.suppress(Exception):  # never declared: nothing to delete
+                    channel.queue_delete(tier.queue)
 
 
 class LocalStack:

@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections import Counter
 from typing import Any, cast
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 LEADER_KEY = "sdq:reconciler:leader"
 #: kombu's Redis transport keeps delivered, unacked messages in this hash.
 UNACKED_KEY = "unacked"
+#: ... and the time each was delivered in this sorted set.
+UNACKED_INDEX_KEY = "unacked_index"
 
 # Take or keep the leadership: SET NX, or extend it when it is ours already.
 _LEAD = """
@@ -157,16 +160,24 @@ class Reconciler:
             for priority in PRIORITY_STEPS:
                 pipe.llen(queue_key(queue, priority))
             waiting = sum(int(n) for n in pipe.execute())
+        # A delivered message not yet used to take a job counts while it is young: a live
+        # worker takes its job within moments, but one killed in between leaves its message
+        # in `unacked` until the visibility timeout, an hour.
+        fresh_after = time.time() - self.settings.lease_seconds
         delivered = []
-        for raw in cast(list[str], self.redis.hvals(UNACKED_KEY)):
+        for tag, raw in cast(dict[str, str], self.redis.hgetall(UNACKED_KEY)).items():
             payload, _exchange, routing_key = json.loads(raw)
             if routing_key == queue:
-                delivered.append(_task_id(payload))
+                delivered.append((tag, _task_id(payload)))
         if delivered:
             with self.redis.pipeline(transaction=False) as pipe:
-                for task_id in delivered:
+                for tag, task_id in delivered:
                     pipe.exists(f"sdq:taken:{task_id}")
-                waiting += sum(1 for taken in pipe.execute() if not taken)
+                    pipe.zscore(UNACKED_INDEX_KEY, tag)
+                rows = pipe.execute()
+            for taken, since in zip(rows[::2], rows[1::2], strict=True):
+                if not taken and (since is None or float(since) > fresh_after):
+                    waiting += 1
         return waiting
 
     def _publish(self, job: Job) -> bool:

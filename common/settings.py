@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         "auto", description="remote: serve from the tier's remote API only (no model)."
     )
     torch_compile: bool = False
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of each worker's torch; default one per core. `sdq up` gives "
+        "each worker its share of the cores.",
+    )
     vae_model: str | None = Field(
         None, description="A VAE to swap in, e.g. madebyollin/sdxl-vae-fp16-fix for fp16."
     )

@@ -67,8 +67,10 @@ class SdxlRunner:
         compile: bool = False,
         vae: str | None = None,
         variant: str | None = "fp16",
+        threads: int | None = None,
     ) -> None:
         self.model = model
+        self.threads = threads
         self.compile = compile
         self.vae = vae
         self.variant = variant
@@ -97,6 +99,10 @@ class SdxlRunner:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         started = time.monotonic()
+        if self.threads:
+            # torch starts one thread per core in every worker: two busy workers on one host
+            # then thrash each other's caches, each image many times slower (issue 15).
+            torch.set_num_threads(self.threads)
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"
         dtype = torch.float16 if cuda else torch.float32

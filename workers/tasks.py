@@ -40,6 +40,7 @@ def context() -> WorkerContext:
                 compile=settings.torch_compile,
                 vae=settings.vae_model,
                 variant=settings.model_variant,
+                threads=settings.torch_threads,
             )
         _context = WorkerContext(
             settings=settings,

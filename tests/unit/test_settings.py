@@ -30,7 +30,7 @@ def test_json_logs_on_request(
     import logging
 
     from common.settings import get_settings
-    from producer.cli import _logging
+    from producer.cli.base import setup_logging as _logging
 
     monkeypatch.setenv("SDQ_LOG_JSON", "1")
     get_settings.cache_clear()

@@ -1,0 +1,126 @@
+"""The long-running processes: `sdq worker`, `api`, `dispatcher`, `reconcile`, `flower`."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Annotated
+
+import typer
+
+from common.settings import get_settings
+from producer.cli.base import app, fail, setup_logging
+
+
+@app.command()
+def worker(
+    tier: Annotated[
+        list[str], typer.Option("--tier", "-t", help="Tier to serve; repeat to serve several.")
+    ],
+    concurrency: Annotated[int, typer.Option(help="Pool children (one per GPU).")] = 1,
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="The GPU to pin (sets CUDA_VISIBLE_DEVICES): one worker per GPU."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Celery node name (default: TIERS@hostname).")
+    ] = None,
+) -> None:
+    """Run a Celery worker for a tier. Exits 2 when this machine's device may not serve it
+    (unless the tier falls back to its remote API on `no_device`)."""
+    from workers.main import run_worker
+
+    setup_logging()
+    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level, gpu=gpu, name=name)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (SDQ_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SDQ_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the HTTP API under uvicorn."""
+    import uvicorn
+
+    setup_logging()
+    settings = get_settings()
+    from producer.api.app import server_options
+
+    uvicorn.run(
+        "producer.api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        **server_options(settings),
+    )
+
+
+@app.command()
+def dispatcher() -> None:
+    """Send webhooks: claim due deliveries from the store and post them, until stopped.
+    Run it as its own process (or set SDQ_WEBHOOK_DISPATCHER=1 to keep it in the API)."""
+    from common.webhooks import serve
+
+    setup_logging()
+    serve(get_settings())
+
+
+@app.command()
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
+) -> None:
+    """Requeue jobs whose worker died (their lease ran out) and send the messages queued jobs
+    lack, every SDQ_RECONCILE_INTERVAL_SECONDS, while this process leads (the API processes
+    run one too unless SDQ_RECONCILER=0)."""
+    import threading
+
+    from producer.api.state import AppState
+    from producer.reconciler import Reconciler
+
+    setup_logging()
+    reconciler = Reconciler(AppState.build(get_settings()).jobs)
+    if once:
+        done = reconciler.once()
+        typer.echo(json.dumps(dict(done)))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reconciler.run(stop)
+
+
+@app.command()
+def flower(
+    host: Annotated[str | None, typer.Option(help="Bind address (SDQ_FLOWER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SDQ_FLOWER_PORT).")] = None,
+) -> None:
+    """Run Flower on the workers' broker. Basic auth comes from SDQ_FLOWER_BASIC_AUTH; it is
+    required on any address but loopback."""
+    import ipaddress
+    import os
+
+    settings = get_settings()
+    address = host or settings.flower_host
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    argv = ["flower", f"--address={address}", f"--port={port or settings.flower_port}"]
+    if settings.flower_basic_auth is not None:
+        argv.append(f"--basic-auth={settings.flower_basic_auth.get_secret_value()}")
+    elif loopback:
+        # Flower 2 refuses its REST API without auth unless told otherwise; on loopback,
+        # for a local operator, that is what is wanted.
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    else:
+        raise fail(
+            f"Flower would listen on {address} without auth; "
+            "set SDQ_FLOWER_BASIC_AUTH=user:password",
+            2,
+        )
+    from workers.celery_app import app as celery_app
+
+    celery_app.start(argv)

@@ -21,7 +21,7 @@ from httpx_sse import connect_sse
 
 from common.errors import JobTimeout, SdqError
 from common.job import JobRequest, JobStatus
-from producer.schemas import Account, BatchView, Event, JobPage, JobView
+from producer.schemas import Account, BatchView, Event, JobPage, JobView, TierList, TierView
 
 TERMINAL_EVENTS = {"job.succeeded", "job.failed", "job.canceled"}
 
@@ -181,6 +181,9 @@ class Client:
 
     def account(self) -> Account:
         return Account.model_validate(self._call("GET", "/v1/account"))
+
+    def tiers(self) -> list[TierView]:
+        return TierList.model_validate(self._call("GET", "/v1/tiers")).tiers
 
     def download(self, url: str) -> bytes:
         """An image's bytes from its presigned URL (no API key is sent there)."""

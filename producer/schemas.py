@@ -44,6 +44,23 @@ class Account(BaseModel):
     max_priority: int = Field(description="The highest priority its jobs run at.")
 
 
+class TierView(BaseModel):
+    """What a client may ask of a tier: its defaults, its limits and its price."""
+
+    name: str
+    description: str
+    default_steps: int
+    max_steps: int
+    max_side: int = Field(description="The most pixels on either side.")
+    max_images: int
+    price: int = Field(description="Credits per image.")
+    scheduler: str
+
+
+class TierList(BaseModel):
+    tiers: list[TierView]
+
+
 class Event(BaseModel):
     """One server-sent event of a job."""
 

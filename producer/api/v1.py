@@ -17,7 +17,7 @@ from common.keys import ApiKey
 from producer.api.deps import EventHub, Key, State
 from producer.api.state import AppState
 from producer.hub import RESYNC, Subscription
-from producer.schemas import Account, BatchView, JobPage, JobView
+from producer.schemas import Account, BatchView, JobPage, JobView, TierList, TierView
 
 
 def _error(code: int, message: str) -> dict[str, Any]:
@@ -291,3 +291,9 @@ def account(state: State, key: Key) -> Account:
         if current.max_priority is None
         else current.max_priority,
     )
+
+
+@router.get("/tiers", response_model=TierList, tags=["Account"])
+def tiers(state: State, key: Key) -> TierList:
+    """The tiers this deployment serves, with their defaults, limits and price per image."""
+    return TierList(tiers=[TierView.model_validate(tier.model_dump()) for tier in state.jobs.tiers])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: Secrets that ship as defaults so the local stack runs with no configuration. Production
 #: refuses to start with any of them.
 DEV_S3_SECRET = "sdq-dev-secret"
+#: False while `Settings.unchecked()` builds settings without the production checks.
+_CHECKED: ContextVar[bool] = ContextVar("sdq_settings_checked", default=True)
 
 
 class Settings(BaseSettings):
@@ -95,6 +98,11 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int | None = Field(None, ge=1)
 
     # The remote Hotpot-compatible fallback.
+    remote_fallback: bool = Field(
+        False,
+        description="Opt in to sending jobs to the tiers' remote APIs (with SDQ_REMOTE_API_KEY). "
+        "Off, no prompt ever leaves this deployment.",
+    )
     remote_api_key: SecretStr | None = None
     remote_timeout_seconds: float = Field(120.0, gt=0)
     remote_max_attempts: int = Field(4, ge=1)
@@ -171,8 +179,20 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = Field(False, description="One JSON object per log line.")
 
+    @classmethod
+    def unchecked(cls) -> Settings:
+        """The settings without the production checks: for a start-up step whose own refusal
+        must come first (a worker's hardware check names what to change on the machine)."""
+        token = _CHECKED.set(False)
+        try:
+            return cls()
+        finally:
+            _CHECKED.reset(token)
+
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
+        if not _CHECKED.get():
+            return self
         if self.env == "production" and self.s3_secret_key.get_secret_value() == DEV_S3_SECRET:
             raise ValueError(
                 "SDQ_S3_SECRET_KEY is the development placeholder; set a real secret in production"
@@ -186,6 +206,11 @@ class Settings(BaseSettings):
         """The task's hard limit, kept below the visibility timeout: a job still running when
         the broker redelivers its message would run twice."""
         return float(min(self.task_time_limit_seconds, self.visibility_timeout_seconds * 0.9))
+
+    @property
+    def remote_enabled(self) -> bool:
+        """Whether jobs may go to a tier's remote API: opted in, and with a key to send."""
+        return self.remote_fallback and self.remote_api_key is not None
 
     @property
     def effective_broker_url(self) -> str:

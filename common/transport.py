@@ -57,6 +57,7 @@ def task_message(
     queue: str,
     priority: int,
     limits: tuple[float, float] | None = None,
+    task_id: str | None = None,
 ) -> tuple[str, str]:
     """Celery's protocol-2 message for ``task(*args)`` on ``queue``, as kombu's Redis
     transport stores it: the list key and the payload to LPUSH.
@@ -68,7 +69,7 @@ def task_message(
     neither, with one round trip instead of two. Celery offers no way to publish inside
     another store's transaction.
     """
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     body = json.dumps([args, {}, embed]).encode()
     message = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import uuid
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,6 +32,13 @@ from common.tiers import Tiers
 from common.transport import task_message
 
 log = logging.getLogger(__name__)
+
+
+def task_id_for(job_id: str, *, resend: bool = False) -> str:
+    """A job's first message carries the job's id as its Celery task id, so Flower finds
+    the job by it. A message the reconciler sends again needs an id of its own (a message's
+    id records the job it took, `take.lua`), which keeps the job's id as its prefix."""
+    return f"{job_id}.{uuid.uuid4().hex[:8]}" if resend else job_id
 
 
 @dataclass
@@ -169,20 +177,22 @@ class JobService:
             self._publish(plan.jobs)
         return Submitted(plan.jobs, created.credits, batch_id=plan.batch_id)
 
-    def message(self, job: Job) -> tuple[str, str]:
+    def message(self, job: Job, *, resend: bool = False) -> tuple[str, str]:
         """The job's task message as the store's Redis holds it: (list, payload)."""
         priority = broker_priority(job.priority, self.settings.effective_broker_url)
         tier = self.tiers.get(job.tier)
         limits = time_limits(tier, self.settings)
-        return task_message(GENERATE_TASK, [job.id], tier.queue, priority, limits)
+        task_id = task_id_for(job.id, resend=resend)
+        return task_message(GENERATE_TASK, [job.id], tier.queue, priority, limits, task_id)
 
-    def publish(self, job: Job) -> None:
+    def publish(self, job: Job, *, resend: bool = False) -> None:
         """Send the job's task message to a broker other than the store's Redis."""
         tier = self.tiers.get(job.tier)
         hard, soft = time_limits(tier, self.settings)
         self.celery.send_task(
             GENERATE_TASK,
             args=[job.id],
+            task_id=task_id_for(job.id, resend=resend),
             queue=tier.queue,
             priority=broker_priority(job.priority, self.settings.effective_broker_url),
             time_limit=hard,

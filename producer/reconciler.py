@@ -120,7 +120,9 @@ class Reconciler:
                 return "failed"
             return ""
         in_store = self.jobs.enqueue_in_store
-        if not self.store.requeue(job.id, self.jobs.message(job) if in_store else ("", "")):
+        if not self.store.requeue(
+            job.id, self.jobs.message(job, resend=True) if in_store else ("", "")
+        ):
             return ""
         if not in_store:
             self._publish(job)
@@ -142,7 +144,7 @@ class Reconciler:
             if job is None:
                 continue
             if self.jobs.enqueue_in_store:
-                queue_list, payload = self.jobs.message(job)
+                queue_list, payload = self.jobs.message(job, resend=True)
                 self.redis.lpush(queue_list, payload)
             elif not self._publish(job):
                 break
@@ -182,7 +184,7 @@ class Reconciler:
 
     def _publish(self, job: Job) -> bool:
         try:
-            self.jobs.publish(job)
+            self.jobs.publish(job, resend=True)
         except Exception as exc:  # kombu raises several types when the broker is away
             log.warning("reconciler: job %s not sent (%s); next round", job.id, exc)
             return False

@@ -142,4 +142,8 @@ def check_tier(device: Device, tier: Tier, *, development: bool, override: bool)
     if override:
         log.warning("HARDWARE OVERRIDE: %s. Serving it anyway (SDQ_HARDWARE_OVERRIDE).", message)
         return
-    raise HardwareMismatch(message + ". Run it on a capable machine or choose another tier.")
+    raise HardwareMismatch(
+        f"{message}. Run it on a machine with one of those, serve another tier, or set "
+        "SDQ_HARDWARE_OVERRIDE=true to serve it here anyway"
+        + ("" if development else " (SDQ_ENV=development also allows the cpu)")
+    )

@@ -123,21 +123,28 @@ class StoreUnavailable(SdqError, ConnectionError):
     (never acked away), and runs again once the store answers."""
 
 
-def execute(ctx: WorkerContext, job_id: str, task_id: str | None = None) -> JobStatus | None:
-    """Run a job to a terminal state; returns the state it ended in.
-
-    With the ``task_id`` of the message sent for ``job_id``, the job run is the next of its
-    tier and priority in turn by key (fair share), or the one this message took before when
-    it is redelivered; ``None`` when no job was waiting any more. Every store error, at
-    any step, raises ``StoreUnavailable``.
-    """
+def take_and_execute(
+    ctx: WorkerContext, job_id: str, task_id: str
+) -> tuple[str, JobStatus | None] | None:
+    """Run the job the message ``task_id``, sent for ``job_id``, runs: the next of its tier
+    and priority in turn by key (fair share), or the one this message took before when it
+    is redelivered. Returns that job's id and the state it ended in; ``None`` when no job
+    was waiting any more. Every store error, at any step, raises ``StoreUnavailable``."""
     try:
-        if task_id is not None:
-            taken = ctx.store.take(job_id, task_id)
-            if taken is None:
-                log.info("message for job %s: no job waiting to run", job_id)
-                return None
-            job_id = taken
+        taken = ctx.store.take(job_id, task_id)
+    except RedisError as exc:
+        log.error("job %s: the job store failed: %s; requeueing its message", job_id, exc)
+        raise StoreUnavailable(f"the job store failed: {exc}") from exc
+    if taken is None:
+        log.info("message for job %s: no job waiting to run", job_id)
+        return None
+    return taken, execute(ctx, taken)
+
+
+def execute(ctx: WorkerContext, job_id: str) -> JobStatus | None:
+    """Run a job to a terminal state; returns the state it ended in (``None`` when another
+    run holds it). Every store error, at any step, raises ``StoreUnavailable``."""
+    try:
         if ctx.metrics is None:
             return run(ctx, job_id, None)
         # A job's metrics go to Redis together when it ends: one round trip between this
@@ -208,7 +215,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
                 try:
                     images = runner.generate(generation, on_step)
                 except CudaOutOfMemory:
-                    if not (job.request.allow_remote and tier.falls_back("oom")):
+                    if not may_go_remote(ctx, job, tier, "oom"):
                         raise
                     runner, reason = remote_runner(ctx, tier), "oom"
                     log.warning(
@@ -260,14 +267,25 @@ def remote_runner(ctx: WorkerContext, tier: Tier) -> Runner:
     return ctx.remote(tier.remote_url)
 
 
+#: What a job that only a remote API could run tells its owner when remote is off.
+REMOTE_OFF = "the remote fallback is off here (SDQ_REMOTE_FALLBACK, SDQ_REMOTE_API_KEY)"
+
+
+def may_go_remote(ctx: WorkerContext, job: Job, tier: Tier, policy: FallbackPolicy) -> bool:
+    """Whether ``policy`` sends ``job`` to its tier's remote API: the deployment opted in
+    (``ctx.remote`` is set only then), the tier lists the policy, the job allows it."""
+    return ctx.remote is not None and job.request.allow_remote and tier.falls_back(policy)
+
+
 def choose_runner(
     ctx: WorkerContext, job: Job, tier: Tier, waited: float = 0.0
 ) -> tuple[Runner, str | None]:
     """The local pipeline, or the tier's remote API when a fallback policy says so;
     ``waited`` is how long the job waited in the queue, by the store's clock."""
-    allowed = job.request.allow_remote
     if tier.remote_only:
-        if not allowed:
+        if ctx.remote is None:
+            raise InvalidRequest(f"tier {tier.name} runs only on its remote API, and {REMOTE_OFF}")
+        if not job.request.allow_remote:
             raise InvalidRequest(
                 f"tier {tier.name} runs only on its remote API, and the job forbids it"
             )
@@ -280,13 +298,13 @@ def choose_runner(
         unavailable = ("load_failed", local.load_error)
     if unavailable is not None:
         policy, why = unavailable
-        if allowed and tier.falls_back(policy):
+        if may_go_remote(ctx, job, tier, policy):
             log.warning("job %s: %s; handing it to %s", job.id, why, tier.remote_url)
             return remote_runner(ctx, tier), policy
         raise ModelLoadError(why)
     assert local is not None
     spill = tier.spillover_after_seconds
-    if allowed and tier.falls_back("spillover") and spill is not None and waited > spill:
+    if may_go_remote(ctx, job, tier, "spillover") and spill is not None and waited > spill:
         log.info("job %s waited %.0fs; spilling over to %s", job.id, waited, tier.remote_url)
         return remote_runner(ctx, tier), "spillover"
     return local, None

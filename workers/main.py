@@ -6,8 +6,10 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from common.errors import HardwareMismatch, InvalidRequest
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from common.tiers import load_tiers
 from workers.device import check_tier, detect
 
@@ -25,12 +27,14 @@ def run_worker(
     """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one.
 
     A tier whose ``remote_fallback`` lists ``no_device`` is served from its remote API on a
-    machine that lacks its hardware, instead of refusing.
+    machine that lacks its hardware, instead of refusing, where the remote fallback is on.
+    The hardware check comes before the other settings' checks: its refusal is the one that
+    says what to change on this machine.
     """
     if gpu is not None:
         # One worker per GPU: pin before anything looks at the devices.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    settings = get_settings()
+    settings = Settings.unchecked()
     tiers = load_tiers(settings.tiers_file)
     device = detect()
     remote: list[str] = []
@@ -48,6 +52,11 @@ def run_worker(
             except HardwareMismatch as exc:
                 if not tier.falls_back("no_device"):
                     raise
+                if not settings.remote_enabled:
+                    raise HardwareMismatch(
+                        f"{exc.message}; or serve it from its remote API with "
+                        "SDQ_REMOTE_FALLBACK=true and SDQ_REMOTE_API_KEY"
+                    ) from None
                 log.warning("%s; serving it from its remote API %s", exc.message, tier.remote_url)
                 remote.append(tier.name)
         if remote and len(remote) < len(selected):
@@ -55,8 +64,13 @@ def run_worker(
                 f"tiers {', '.join(remote)} would run remotely and the others locally; "
                 "run them in separate workers"
             )
+        get_settings()
     except (HardwareMismatch, InvalidRequest) as exc:
         print(f"sdq worker: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        print(f"sdq worker: invalid settings: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
     if remote:
         os.environ["SDQ_RUNNER"] = "remote"

@@ -32,6 +32,20 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def quiet_libraries() -> None:
+    """transformers and diffusers write progress bars and advisories (such as torchvision
+    being absent) straight to stderr on import and load; a worker's log keeps its own lines.
+    Call before importing diffusers."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
 class CudaOutOfMemory(SdqError, MemoryError):
     message = "the GPU ran out of memory, even one image at a time with VAE tiling"
 
@@ -94,6 +108,7 @@ class SdxlRunner:
             raise
 
     def _load(self) -> None:
+        quiet_libraries()
         import torch
         from diffusers import AutoencoderKL, StableDiffusionXLPipeline
         from diffusers.models.attention_processor import AttnProcessor2_0

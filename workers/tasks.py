@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_init
 
 from common.errors import ModelLoadError
+from common.job import JobStatus
 from common.metrics import Recorder
 from common.queue import GENERATE_TASK
 from common.redis import connect
@@ -19,7 +20,7 @@ from common.storage import make_storage
 from common.store import JobStore
 from common.tiers import load_tiers
 from workers.celery_app import app
-from workers.execute import StoreUnavailable, WorkerContext, execute
+from workers.execute import StoreUnavailable, WorkerContext, take_and_execute
 from workers.pipeline import Generation, SdxlRunner
 from workers.remote import RemoteRunners
 
@@ -52,7 +53,7 @@ def context() -> WorkerContext:
             ),
             storage=make_storage(settings),
             local=local,
-            remote=RemoteRunners(settings).for_url,
+            remote=RemoteRunners(settings).for_url if settings.remote_enabled else None,
             tiers=load_tiers(settings.tiers_file),
             metrics=Recorder(connect(settings.redis_url)),
         )
@@ -96,13 +97,47 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
     context().store.redis.rpush(reply_to, *times)
 
 
-@app.task(name=GENERATE_TASK, ignore_result=True, bind=True)
+def _revoked(task: Task) -> NoReturn:
+    """End the task as REVOKED, as a canceled job's task is: Celery has no such outcome for a
+    running task (a rejected one shows as FAILURE), so announce it and ack the message."""
+    task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    raise Ignore()
+
+
+class JobFailed(Exception):
+    """Raised so that Flower shows a task whose job failed as failed, with the job's error;
+    the job itself has already ended `failed` and refunded."""
+
+
+@app.task(name=GENERATE_TASK, ignore_result=True, bind=True, throws=(JobFailed,))
 def generate(self: Task, job_id: str) -> str | None:
     """Run one job: the next in turn by key at the tier and priority of ``job_id``, the job
-    this message was sent for (the message carries its id only)."""
+    this message was sent for (the message carries its id only, as its task id too).
+
+    The task's state follows the job's, for Flower: SUCCESS with ``"<job id> succeeded"``,
+    FAILURE with the job's error, REVOKED when the job was canceled."""
+    ctx = context()
     try:
-        ended = execute(context(), job_id, task_id=self.request.id)
+        ran = take_and_execute(ctx, job_id, self.request.id)
     except StoreUnavailable as exc:
         # Back to the queue, not acked away: the job's record could not be moved on.
         raise Reject(exc.message, requeue=True) from exc
-    return None if ended is None else ended.value
+    if ran is None:
+        # Its own job ended before any message ran it: canceled while queued, most often.
+        try:
+            status = ctx.store.get(job_id).status
+        except Exception:  # gone, or the store away: the message has nothing to do anyway
+            return f"{job_id}: no job was waiting"
+        if status is JobStatus.CANCELED:
+            _revoked(self)
+        return f"{job_id} {status.value}: no job was waiting"
+    ran_id, ended = ran
+    if ended is JobStatus.CANCELED:
+        _revoked(self)
+    if ended is JobStatus.FAILED:
+        try:
+            error = ctx.store.get(ran_id).error
+        except Exception:  # the job ended; only its message for Flower is missing
+            error = None
+        raise JobFailed(f"{ran_id} failed: {error or 'see its record'}")
+    return f"{ran_id} {'still running elsewhere' if ended is None else ended.value}"

@@ -137,11 +137,9 @@ def assemble(
 
 def build_tiny(out_dir: Path) -> Path:
     """Build and save the tiny pipeline under ``out_dir``; returns it."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from workers.pipeline import quiet_libraries
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     pipeline = assemble(TINY_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out_dir)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 
 app = typer.Typer(
     help="sdq: self-hosted Stable Diffusion XL rendering on Celery GPU workers.",
@@ -25,8 +25,8 @@ app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
 
-def setup_logging() -> None:
-    settings = get_settings()
+def setup_logging(settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
     handler = logging.StreamHandler()
     if settings.log_json:
         from pythonjsonlogger.json import JsonFormatter

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from producer.cli.base import app, fail, setup_logging
 
 
@@ -30,8 +30,10 @@ def worker(
     (unless the tier falls back to its remote API on `no_device`)."""
     from workers.main import run_worker
 
-    setup_logging()
-    run_worker(tier, concurrency=concurrency, loglevel=get_settings().log_level, gpu=gpu, name=name)
+    # Unchecked: the worker's hardware refusal comes before any about the other settings.
+    settings = Settings.unchecked()
+    setup_logging(settings)
+    run_worker(tier, concurrency=concurrency, loglevel=settings.log_level, gpu=gpu, name=name)
 
 
 @app.command()

@@ -53,6 +53,7 @@ def tiers_for(url: str, **extra: object) -> Tiers:
 def remote_settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
+            "remote_fallback": True,
             "remote_api_key": SecretStr(KEY),
             "remote_retry_base_seconds": 0.05,
             "remote_max_attempts": 3,
@@ -284,3 +285,31 @@ def test_sdq_is_the_remote_of_another_sdq(
         assert image.size == (96, 64)
     assert keys.authenticate(upstream_key).credits == 9  # the upstream charged its budget price
     assert time.monotonic() - started < 30
+
+
+def test_without_the_opt_in_no_prompt_leaves(
+    settings, store, keys, storage, tiny_model: Path, fresh: StandIn
+) -> None:
+    """A key alone is not consent: with SDQ_REMOTE_FALLBACK off the worker has no remote
+    runner; a remote-only tier's job fails refunded and saying why, a stale job of a
+    spill-over tier runs locally, and the stand-in never sees a prompt."""
+    keyed = remote_settings(settings).model_copy(update={"remote_fallback": False})
+    assert not keyed.remote_enabled and remote_settings(settings).remote_enabled
+    local = SdxlRunner(str(tiny_model))
+    remote_only = tiers_for(fresh.url, remote_only="true")
+    ctx = WorkerContext(keyed, store, storage, local, None, remote_only)
+    job = queued(store, keys, credits=10)
+    assert keys.get(job.key_id).credits == 8
+    assert execute(ctx, job.id) is JobStatus.FAILED
+    failed = store.get(job.id)
+    assert failed.refunded and failed.error == (
+        "tier normal runs only on its remote API, and the remote fallback is off here "
+        "(SDQ_REMOTE_FALLBACK, SDQ_REMOTE_API_KEY)"
+    )
+    assert keys.get(job.key_id).credits == 10
+    spill = tiers_for(fresh.url, remote_fallback='["spillover"]', spillover_after_seconds=30)
+    stale = queued(store, keys, age=31)
+    ctx = WorkerContext(keyed, store, storage, local, None, spill)
+    assert execute(ctx, stale.id) is JobStatus.SUCCEEDED
+    assert store.get(stale.id).backend == "local"
+    assert fresh.calls == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.job import Job
 from common.webhooks import Delivery
@@ -68,3 +68,18 @@ class Event(BaseModel):
     timestamp: str
     seq: int | None = None
     data: dict[str, Any]
+
+
+class Error(BaseModel):
+    """Every error answer: the HTTP status again and what went wrong. Some add context, such
+    as the `job_id` of a job that failed or outlived the wait and the `credits_left`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: int = Field(description="The HTTP status.")
+    message: str = Field(description="What went wrong, and for a bad field, which one.")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, str] = Field(description="`ok`, or the error each dependency gave.")

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +17,7 @@ from common.errors import SdqError
 from common.metrics import FleetCollector
 from common.settings import Settings, get_settings
 from common.webhooks import Dispatcher
-from producer.api import errors, health, hotpot, v1
+from producer.api import errors, health, hotpot, openapi, v1
 from producer.api.limits import RequestLimits
 from producer.api.state import AppState
 from producer.hub import Hub
@@ -32,7 +33,8 @@ Self-hosted Stable Diffusion XL. Two APIs:
   image bytes and `X-API-Credits-Left`.
 * **Async JSON** under `/v1`: submit a job, then poll it for presigned image URLs.
 
-Errors are `{"code": N, "message": "..."}` with the HTTP status N.
+Every route but health's takes the key: press **Authorize** and paste it (bare, as Hotpot
+takes it). Errors are `{"code": N, "message": "..."}` with the HTTP status N.
 """
 
 
@@ -93,10 +95,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dispatcher.join(timeout=settings.webhook_timeout_seconds + 5)
         await state.aioredis.aclose()
 
-    app = FastAPI(title="sdq", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc from the package's own Swagger UI and ReDoc files, not a CDN.
+    app = FastAPIOffline(
+        title="sdq",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=openapi.TAGS,
+        generate_unique_id_function=openapi.operation_id,
+        swagger_ui_parameters=openapi.SWAGGER_UI,
+        static_url=openapi.ASSETS_URL,
+    )
+    openapi.install(app)
     app.state.sdq = state
     app.state.hub = hub
-    errors.install(app)
+    errors.install(app, state.tiers)
     routers = [hotpot.router_for(state.tiers), v1.router, health.router]
     for router in routers:
         app.include_router(router)
@@ -106,7 +119,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(FleetCollector(state.store.redis, state.tiers))
 
-    @app.get("/metrics", tags=["Health"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["Health"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         """Prometheus metrics of the whole fleet (they are kept in Redis)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

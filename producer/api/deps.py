@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 
 from common.keys import ApiKey
 from producer.api.state import AppState
@@ -31,13 +32,21 @@ async def get_hub(request: Request) -> Hub:
 EventHub = Annotated[Hub, Depends(get_hub)]
 
 
+#: The spec's security scheme (Swagger's Authorize button): Hotpot's bare key in
+#: ``Authorization``. It only reads the header; ``authenticate`` judges it.
+API_KEY = APIKeyHeader(
+    name="Authorization",
+    scheme_name="ApiKey",
+    description="Your API key, bare as Hotpot sends it (`Authorization: sdq_...`); "
+    "`Bearer sdq_...` is accepted too.",
+    auto_error=False,
+)
+
+
 async def authenticate(
     request: Request,
     state: State,
-    authorization: Annotated[
-        str | None,
-        Header(description="Your API key, bare as Hotpot sends it, or as `Bearer <key>`."),
-    ] = None,
+    authorization: Annotated[str | None, Security(API_KEY)] = None,
 ) -> ApiKey:
     """The key in the Authorization header: 401 when missing, 403 when unknown, 429 over its
     request rate.

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from producer.api.deps import State
+from producer.schemas import Readiness
 
 router = APIRouter(tags=["Health"])
 
@@ -16,7 +17,11 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A dependency does not answer."}},
+)
 def readyz(state: State) -> JSONResponse:
     """The job store, the broker and the object storage all answer."""
     checks: dict[str, str] = {}

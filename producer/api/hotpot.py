@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from common.errors import InvalidRequest, SdqError
 from common.job import JobRequest, JobStatus
 from common.tiers import Tiers
+from producer.api import openapi
 from producer.api.deps import EventHub, Key, State
 from producer.api.errors import describe
 from producer.waiter import wait_for_end
@@ -48,13 +49,58 @@ _FORM_SCHEMA: dict[str, Any] = {
         "outputFormat": {"type": "string", "enum": ["jpeg", "jpg", "png", "webp"]},
     },
 }
-_ERROR = {"content": {"application/json": {"example": {"code": 400, "message": "..."}}}}
-_RESPONSES: dict[int | str, dict[str, Any]] = {
+_RESPONSES: openapi.Responses = {
     200: {
         "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
         "description": "The image; `X-API-Credits-Left` tells the credits left.",
+        "headers": {
+            "X-API-Credits-Left": {
+                "description": "The key's credits after this image.",
+                "schema": {"type": "integer"},
+            },
+            "X-Job-Id": {"description": "The job that made it.", "schema": {"type": "string"}},
+            "X-Seed": {"description": "Its seed.", "schema": {"type": "integer"}},
+        },
     },
-    **{code: _ERROR for code in (400, 401, 403, 404, 408, 413, 429, 500, 503, 504)},
+    **openapi.KEYED,
+    **openapi.BODY_LIMITS,
+    400: openapi.error(
+        400,
+        "A field is invalid or over the tier's limits (the message uses Hotpot's field "
+        "names), or the body is neither multipart/form-data nor url-encoded.",
+        "steps must be at most 50 on tier normal",
+    ),
+    409: openapi.IDEMPOTENCY_CONFLICT,
+    413: openapi.error(
+        413,
+        "The form is over `SDQ_MAX_FORM_BODY_BYTES`.",
+        "request body too large: at most 65536 bytes here",
+    ),
+    429: openapi.error(
+        429,
+        "Not enough credits (nothing was charged), too many jobs or waits at once, or over "
+        "the key's request rate; `Retry-After` says when to retry, except for credits.",
+        "not enough credits: this request costs 4, the key has 3",
+        headers=openapi.RATE_HEADERS,
+    ),
+    500: openapi.error(
+        500,
+        "The job failed and was refunded; the body adds its `job_id` and `credits_left`.",
+        "generation failed: CUDA out of memory",
+    ),
+    503: openapi.error(
+        503,
+        "This process holds as many waits as it may (`Retry-After` says when to retry), or "
+        "the job queue or the object storage is unavailable.",
+        "this API process has no room for another event stream; retry shortly",
+        headers=openapi.RETRY_AFTER,
+    ),
+    504: openapi.error(
+        504,
+        "The job outlived `SDQ_SYNC_TIMEOUT_SECONDS`; it goes on: fetch it later from "
+        "`GET /v1/jobs/{id}` with the body's `job_id`.",
+        "job job_0123 is still running after 300s; GET /v1/jobs/job_0123 for its result",
+    ),
 }
 _OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
@@ -100,7 +146,9 @@ async def read_fields(request: Request, max_fields: int) -> dict[str, str]:
     return fields
 
 
-def to_request(tier: str, fields: dict[str, str]) -> JobRequest:
+def to_request(tier: str, fields: dict[str, str], tiers: Tiers | None = None) -> JobRequest:
+    """The job a Hotpot form asks for; a field over its tier's limit in ``tiers`` is refused
+    with that limit, as sdq's own bound on it would be."""
     if not fields.get("inputText", "").strip():
         raise InvalidRequest("inputText: is required")
     data: dict[str, Any] = {FIELDS[name]: value for name, value in fields.items()}
@@ -109,16 +157,17 @@ def to_request(tier: str, fields: dict[str, str]) -> JobRequest:
         if fmt not in _FORMATS:
             raise InvalidRequest("outputFormat: must be one of jpeg, png, webp")
         data["output_format"] = _FORMATS[fmt]
+    data["tier"] = tier
     try:
-        return JobRequest.model_validate({**data, "tier": tier})
+        return JobRequest.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(describe(exc, _HOTPOT_NAMES)) from None
+        raise InvalidRequest(describe(exc, _HOTPOT_NAMES, tiers=tiers, body=data)) from None
 
 
 def _endpoint(tier: str) -> Any:
     async def generate(request: Request, state: State, hub: EventHub, key: Key) -> Response:
         fields = await read_fields(request, state.settings.max_form_fields)
-        job_request = to_request(tier, fields)
+        job_request = to_request(tier, fields, state.tiers)
         # The wait's slot before the charge: a wait refused (429, 503) costs nothing.
         async with hub.open(key.id) as sub:
             submitted = await state.jobs.submit_async(

@@ -14,32 +14,33 @@ from starlette.concurrency import run_in_threadpool
 
 from common.job import Job, JobRequest, JobStatus
 from common.keys import ApiKey
+from producer.api import openapi
 from producer.api.deps import EventHub, Key, State
 from producer.api.state import AppState
 from producer.hub import RESYNC, Subscription
 from producer.schemas import Account, BatchView, JobPage, JobView, TierList, TierView
 
-
-def _error(code: int, message: str) -> dict[str, Any]:
-    return {
-        "description": message,
-        "content": {"application/json": {"example": {"code": code, "message": message}}},
-    }
-
-
-#: Every /v1 route takes a key, and each key has a request rate.
-_RATE_LIMITED: dict[int | str, dict[str, Any]] = {
-    429: _error(429, "rate limit exceeded; see Retry-After")
+# Every /v1 route takes a key: each documents 401, 403 and 429 (``openapi.KEYED``).
+_KEYED = openapi.KEYED
+_NO_JOB = openapi.error(404, "No job of this key has this id.", "no job job_0123")
+_SUBMIT: openapi.Responses = {
+    **_KEYED,
+    **openapi.BODY_LIMITS,
+    400: openapi.error(
+        400,
+        "The request is invalid, or over its tier's limits: the message names each bad field.",
+        "steps must be at most 30 on tier budget",
+    ),
+    409: openapi.IDEMPOTENCY_CONFLICT,
+    429: openapi.SUBMIT_REFUSED,
+    503: openapi.QUEUE_DOWN,
 }
-#: Routes with a body: bounded in size and in how long it may take to arrive.
-_BODY_LIMITS: dict[int | str, dict[str, Any]] = {
-    408: _error(408, "the request body did not arrive within 30s"),
-    413: _error(413, "request body too large: at most 65536 bytes here"),
-}
+
 # A quiet stream re-reads its job this often (an expired channel must not hang it).
 _QUIET_SECONDS = 15.0
 
-router = APIRouter(prefix="/v1", tags=["Jobs"], responses=_RATE_LIMITED)
+# Tags per route, not on the router: a route with two tags shows twice in Swagger UI.
+router = APIRouter(prefix="/v1")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -77,7 +78,7 @@ def replay_headers(response: Response, replayed: bool) -> None:
 
 # The submits are async: the create script runs on the asyncio client, where a sync handler
 # would pay two thread-pool hops (the handler, then FastAPI's response validation).
-@router.post("/jobs", status_code=202, response_model=JobView, responses=_BODY_LIMITS)
+@router.post("/jobs", status_code=202, response_model=JobView, tags=["Jobs"], responses=_SUBMIT)
 async def create_job(
     body: JobRequest,
     state: State,
@@ -91,7 +92,19 @@ async def create_job(
     return view(state, submitted.jobs[0], submitted.credits)
 
 
-@router.get("/jobs", response_model=JobPage)
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    tags=["Jobs"],
+    responses={
+        **_KEYED,
+        400: openapi.error(
+            400,
+            "A query parameter is invalid.",
+            "limit: Input should be greater than or equal to 1",
+        ),
+    },
+)
 def list_jobs(
     state: State,
     key: Key,
@@ -104,13 +117,24 @@ def list_jobs(
     return JobPage(jobs=[view(state, job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView)
+@router.get(
+    "/jobs/{job_id}", response_model=JobView, tags=["Jobs"], responses={**_KEYED, 404: _NO_JOB}
+)
 def get_job(job_id: str, state: State, key: Key) -> JobView:
     """A job, with presigned image URLs once it has succeeded and its webhook attempts."""
     return view(state, state.jobs.owned(key, job_id), webhooks=True)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobView,
+    tags=["Jobs"],
+    responses={
+        **_KEYED,
+        404: _NO_JOB,
+        409: openapi.error(409, "The job has ended already.", "job job_0123 is already succeeded"),
+    },
+)
 def cancel_job(job_id: str, state: State, key: Key) -> JobView:
     """Cancel a queued job at once; a running one stops within 0.1 s and one denoising
     step (the worker reports steps in batches, at most 0.1 s apart, and learns of the
@@ -121,7 +145,23 @@ def cancel_job(job_id: str, state: State, key: Key) -> JobView:
     return view(state, state.store.get(job_id), credits, webhooks=True)
 
 
-@router.post("/jobs/{job_id}/webhook/redeliver", status_code=202, response_model=JobView)
+@router.post(
+    "/jobs/{job_id}/webhook/redeliver",
+    status_code=202,
+    response_model=JobView,
+    tags=["Jobs"],
+    responses={
+        **_KEYED,
+        404: _NO_JOB,
+        429: openapi.error(
+            429,
+            "Over the key's request rate, or this job's webhooks were redelivered less than "
+            "`SDQ_WEBHOOK_REDELIVER_INTERVAL_SECONDS` ago; `Retry-After` says when to retry.",
+            "this job's webhooks were redelivered less than 60 s ago; try again in 42.0 s",
+            headers=openapi.RATE_HEADERS,
+        ),
+    },
+)
 def redeliver(job_id: str, state: State, key: Key) -> JobView:
     """Send the job's webhook events again, with their original `webhook-id`s."""
     job = state.jobs.owned(key, job_id)
@@ -168,7 +208,23 @@ async def open_stream(
 @router.get(
     "/jobs/{job_id}/events",
     response_class=EventSourceResponse,
-    responses={503: _error(503, "this API process has no room for another event stream")},
+    tags=["Jobs"],
+    responses={
+        200: openapi.event_stream("The job's events, ending with its terminal one."),
+        **_KEYED,
+        400: openapi.error(
+            400, "`Last-Event-ID` is not a sequence number.", "last-event-id: Input should be ..."
+        ),
+        404: _NO_JOB,
+        429: openapi.error(
+            429,
+            "Over the key's request rate, or the key holds `SDQ_STREAMS_PER_KEY` streams and "
+            "waits already; `Retry-After` says when to retry.",
+            "too many open event streams for this key (20)",
+            headers=openapi.RATE_HEADERS,
+        ),
+        503: openapi.STREAMS_FULL,
+    },
 )
 async def job_events(
     stream: Annotated[Stream, Depends(open_stream)], state: State
@@ -230,7 +286,14 @@ def _terminal(event: dict[str, Any]) -> bool:
     status_code=202,
     response_model=BatchView,
     tags=["Batches"],
-    responses={**_BODY_LIMITS, 413: _error(413, "request body too large: at most 4194304 bytes")},
+    responses={
+        **_SUBMIT,
+        413: openapi.error(
+            413,
+            "The body is over `SDQ_MAX_BATCH_BODY_BYTES`.",
+            "request body too large: at most 4194304 bytes here",
+        ),
+    },
 )
 async def create_batch(
     body: BatchRequest,
@@ -249,7 +312,15 @@ async def create_batch(
     return await run_in_threadpool(batch_view, state, key, submitted.batch_id, submitted.credits)
 
 
-@router.get("/batches/{batch_id}", response_model=BatchView, tags=["Batches"])
+@router.get(
+    "/batches/{batch_id}",
+    response_model=BatchView,
+    tags=["Batches"],
+    responses={
+        **_KEYED,
+        404: openapi.error(404, "No batch of this key has this id.", "no batch batch_0123"),
+    },
+)
 def get_batch(batch_id: str, state: State, key: Key) -> BatchView:
     """A batch: its jobs and how many are in each status."""
     return batch_view(state, key, batch_id)
@@ -274,7 +345,7 @@ def batch_view(
     )
 
 
-@router.get("/account", response_model=Account, tags=["Account"])
+@router.get("/account", response_model=Account, tags=["Account"], responses=_KEYED)
 def account(state: State, key: Key) -> Account:
     """The key's credits, its limits and its webhook signing secret (`whsec_...`)."""
     current = state.keys.get(key.id)
@@ -293,7 +364,7 @@ def account(state: State, key: Key) -> Account:
     )
 
 
-@router.get("/tiers", response_model=TierList, tags=["Account"])
+@router.get("/tiers", response_model=TierList, tags=["Account"], responses=_KEYED)
 def tiers(state: State, key: Key) -> TierList:
     """The tiers this deployment serves, with their defaults, limits and price per image."""
     return TierList(tiers=[TierView.model_validate(tier.model_dump()) for tier in state.jobs.tiers])

@@ -77,7 +77,7 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
         "form",
         {**OK, "width": "8192", "height": "64"},
         400,
-        "width: Input should be less than or equal to 4096",
+        "width must be at most 1536 on tier normal",
     ),
     (
         "POST",
@@ -96,6 +96,23 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
         "steps: Input should be greater than or equal to 1",
     ),
     ("POST", HOTPOT, "form", {**OK, "steps": "51"}, 400, "steps must be at most 50 on tier normal"),
+    # Over the schema's cap too: still the tier's limit, under Hotpot's field names.
+    (
+        "POST",
+        HOTPOT,
+        "form",
+        {**OK, "steps": "500"},
+        400,
+        "steps must be at most 50 on tier normal",
+    ),
+    (
+        "POST",
+        "/stable-diffusion-budget",
+        "form",
+        {**OK, "height": "4104", "width": "64"},
+        400,
+        "height must be at most 1024 on tier budget",
+    ),
     (
         "POST",
         HOTPOT,
@@ -149,6 +166,30 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
         {"prompt": "x", "num_images": 5},
         400,
         "num_images must be at most 4 on tier normal",
+    ),
+    (
+        "POST",
+        "/v1/jobs",
+        "json",
+        {"prompt": "x", "tier": "budget", "steps": 500},
+        400,
+        "steps must be at most 30 on tier budget",
+    ),
+    (
+        "POST",
+        "/v1/jobs",
+        "json",
+        {"prompt": "x", "num_images": 9},
+        400,
+        "num_images must be at most 4 on tier normal",
+    ),
+    (
+        "POST",
+        "/v1/jobs",
+        "json",
+        {"prompt": "x", "tier": "gold", "steps": 500},
+        400,
+        "steps: Input should be less than or equal to 200",
     ),
     (
         "POST",
@@ -217,6 +258,14 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
         {"jobs": [{"prompt": "ok"}, {"prompt": ""}]},
         400,
         "jobs.1.prompt",
+    ),
+    (
+        "POST",
+        "/v1/batches",
+        "json",
+        {"jobs": [{"prompt": "ok"}, {"prompt": "x", "tier": "budget", "steps": 201}]},
+        400,
+        "jobs.1: steps must be at most 30 on tier budget",
     ),
     (
         "POST",

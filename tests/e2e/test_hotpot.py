@@ -144,6 +144,8 @@ def test_bearer_and_urlencoded(api_url: str, new_key: Key) -> None:
         ),
         ({"inputText": "x", "width": 100}, "width: must be a multiple of 8"),
         ({"inputText": "x", "steps": 51}, "steps must be at most 50 on tier normal"),
+        ({"inputText": "x", "steps": 500}, "steps must be at most 50 on tier normal"),
+        ({"inputText": "x", "width": 8192}, "width must be at most 1536 on tier normal"),
         ({"inputText": "x", "seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"inputText": "x", "outputFormat": "bmp"}, "outputFormat: must be one of jpeg, png, webp"),
         ({"inputText": "x" * 2001}, "inputText: String should have at most 2000 characters"),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+import tomllib
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from tests.conftest import ROOT
 
 Key = Callable[..., str]
 
@@ -64,6 +67,24 @@ def test_bad_bodies_are_400(api_url: str, new_key: Key) -> None:
         ({"prompt": "x", "tier": "gold"}, "unknown tier 'gold'"),
         ({"prompt": "x", "width": 4000, "height": 64}, "width must be at most 1536 on tier normal"),
         ({}, "prompt: Field required"),
+        # Over the tier's limit and over the schema's cap: the tier's limit either way.
+        (
+            {"prompt": "x", "tier": "budget", "steps": 100},
+            "steps must be at most 30 on tier budget",
+        ),
+        (
+            {"prompt": "x", "tier": "budget", "steps": 500},
+            "steps must be at most 30 on tier budget",
+        ),
+        ({"prompt": "x", "width": 8192, "height": 64}, "width must be at most 1536 on tier normal"),
+        (
+            {"prompt": "x", "tier": "premium", "height": 5000, "width": 64},
+            "height must be at most 2048 on tier premium",
+        ),
+        (
+            {"prompt": "x", "tier": "budget", "num_images": 9},
+            "num_images must be at most 2 on tier budget",
+        ),
     ]
     for body, message in cases:
         response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=auth(key))
@@ -81,6 +102,26 @@ def test_account(api_url: str, new_key: Key) -> None:
     assert account["credits"] == 42 and account["id"].startswith("key_")
     assert account["webhook_secret"].startswith("whsec_")
     assert httpx.get(f"{api_url}/v1/account").status_code == 401
+
+
+def test_tiers(api_url: str, new_key: Key) -> None:
+    response = httpx.get(f"{api_url}/v1/tiers", headers=auth(new_key()))
+    assert response.status_code == 200, response.text
+    builtin = tomllib.loads((ROOT / "common" / "tiers.toml").read_text())["tiers"]
+    fields = ("description", "default_steps", "max_steps", "max_side", "max_images", "price")
+    expected = [
+        {"name": name, **{field: spec[field] for field in fields}, "scheduler": spec["scheduler"]}
+        for name, spec in builtin.items()
+    ]
+    assert response.json() == {"tiers": expected}
+    budget = response.json()["tiers"][0]
+    assert (budget["name"], budget["max_steps"], budget["price"]) == ("budget", 30, 1)
+    # What a tier offers is what it accepts: one step more is refused with that limit.
+    over = {"prompt": "x", "tier": "budget", "steps": budget["max_steps"] + 1}
+    refused = httpx.post(f"{api_url}/v1/jobs", json=over, headers=auth(new_key()))
+    assert refused.json() == {"code": 400, "message": "steps must be at most 30 on tier budget"}
+    assert httpx.get(f"{api_url}/v1/tiers").status_code == 401
+    assert httpx.get(f"{api_url}/v1/tiers", headers=auth("sdq_nope")).status_code == 403
 
 
 def test_health_and_docs(api_url: str) -> None:

@@ -75,7 +75,29 @@ class JobRequest(BaseModel):
         None, description="Events to send (default: every status change, no progress)."
     )
     priority: int = Field(5, ge=0, le=9, description="9 runs first within a tier.")
-    allow_remote: bool = True
+    allow_remote: bool = Field(
+        True, description="May go to the tier's remote API (where the operator opted in)."
+    )
+    model: str | None = Field(
+        None,
+        max_length=32,
+        description="A model id (GET /v1/tiers lists each tier's); the tier's default when "
+        "omitted. Models other than the default are served to keys entitled to them.",
+    )
+    style: int | str | None = Field(
+        None, description="A style's id or slug (GET /v1/styles lists them)."
+    )
+    init_image: str | None = Field(
+        None,
+        description="Image-to-image: the input image (PNG, JPEG or WebP) as base64. The output "
+        "has its size, rounded to multiples of 8, unless width and height say otherwise.",
+    )
+    strength: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Image-to-image: how far from the input to go (0 keeps it, 1 ignores it).",
+    )
     metadata: dict[str, Any] = Field(
         default_factory=dict,
         description=f"Yours, returned with the job: at most {MAX_METADATA_BYTES} bytes as "
@@ -107,6 +129,13 @@ class JobRequest(BaseModel):
             if unknown:
                 raise ValueError(f"unknown events {unknown}; choose from {ALL_EVENTS}")
             return list(dict.fromkeys(value))
+        return value
+
+    @field_validator("style")
+    @classmethod
+    def _bounded_style(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and len(value) > 48:
+            raise ValueError("at most 48 characters")
         return value
 
     @field_validator("width", "height")
@@ -173,7 +202,15 @@ class Job(BaseModel):
     refunded: bool = False
     backend: Literal["local", "remote"] | None = None
     remote_reason: str | None = Field(None, description="Why the remote API served it.")
-    model: str | None = None
+    model: str | None = Field(None, description="What ran it: the model's source, or remote:host.")
+    model_id: str = Field("sdxl", description="The model it asked for, from the models file.")
+    lane: str = Field("", description="Where it waits: its tier, or tier.model.")
+    style: str | None = Field(None, description="The slug of its style.")
+    prompt: str | None = Field(None, description="The prompt it runs with, after its style.")
+    negative_prompt: str | None = Field(
+        None, description="The negative prompt it runs with, after its style."
+    )
+    init_image_key: str | None = Field(None, description="Image-to-image: its input's object.")
     images: list[ImageResult] = Field(default_factory=list)
     error: str | None = None
     progress: dict[str, int] | None = None

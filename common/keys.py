@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from common import lua
 from common.errors import AuthError, Forbidden, NotFound, RateLimited
@@ -46,9 +46,25 @@ class ApiKey(BaseModel):
     rate: float | None = Field(None, gt=0, description="Requests a second (bursts of as many).")
     max_jobs: int | None = Field(None, ge=1, description="Jobs queued or running at once.")
     max_priority: int | None = Field(None, ge=0, le=9, description="Higher asks are capped.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models beyond each tier's default that it may ask for (upon request).",
+    )
     revoked: bool = False
     #: Jobs queued or running now, kept by the job store's Lua steps.
     active: int = 0
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _stored_as_text(cls, value: object) -> object:
+        # The key's hash holds flat strings: the models as "sd15,sd21".
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part]
+        return value
+
+    def may_use(self, model: str, default: str) -> bool:
+        """Whether this key may ask for ``model`` on a tier whose default is ``default``."""
+        return model == default or model in self.models
 
 
 #: The fields an operator may set on a key after it was made.
@@ -87,6 +103,7 @@ class KeyStore:
         rate: float | None = None,
         max_jobs: int | None = None,
         max_priority: int | None = None,
+        models: list[str] | None = None,
     ) -> tuple[str, ApiKey]:
         """Make a new key with ``credits`` and optional limits of its own; returns the raw
         key (shown once) and its record."""
@@ -103,8 +120,11 @@ class KeyStore:
             rate=rate,
             max_jobs=max_jobs,
             max_priority=max_priority,
+            models=models or [],
         )
-        stored = record.model_dump(exclude_none=True, exclude={"revoked", "active"})
+        stored = record.model_dump(exclude_none=True, exclude={"revoked", "active", "models"})
+        if record.models:
+            stored["models"] = ",".join(record.models)
         items = [part for k, v in stored.items() for part in (k, str(v))]
         with self.redis.pipeline() as pipe:
             pipe.hset(apikey_key(record.id), items=items)

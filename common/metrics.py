@@ -58,9 +58,10 @@ HISTOGRAMS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def queued_key(tier: str) -> str:
-    """A sorted set of the tier's queued job ids, scored by submit time."""
-    return f"sdq:queued:{tier}"
+def queued_key(lane: str) -> str:
+    """A sorted set of the lane's queued job ids (a tier's, for one of its models), scored by
+    submit time."""
+    return f"sdq:queued:{lane}"
 
 
 def _field(labels: dict[str, str], part: str = "") -> str:
@@ -126,17 +127,20 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = cast(list[str], self.redis.time())
         moment = float(now[0]) + float(now[1]) / 1e6
-        depth = GaugeMetricFamily("sdq_queue_depth", "Jobs waiting per tier.", labels=["tier"])
+        labels = ["tier", "model"]
+        depth = GaugeMetricFamily(
+            "sdq_queue_depth", "Jobs waiting per tier and model.", labels=labels
+        )
         oldest = GaugeMetricFamily(
             "sdq_queue_oldest_age_seconds",
-            "Age of the oldest queued job per tier.",
-            labels=["tier"],
+            "Age of the oldest queued job per tier and model.",
+            labels=labels,
         )
-        for tier in self.tiers:
-            key = queued_key(tier.name)
-            depth.add_metric([tier.name], float(cast(int, self.redis.zcard(key))))
+        for tier, model, lane, _queue in self.tiers.lanes():
+            key = queued_key(lane)
+            depth.add_metric([tier.name, model], float(cast(int, self.redis.zcard(key))))
             head = cast(list[tuple[str, float]], self.redis.zrange(key, 0, 0, withscores=True))
-            oldest.add_metric([tier.name], max(0.0, moment - head[0][1]) if head else 0.0)
+            oldest.add_metric([tier.name, model], max(0.0, moment - head[0][1]) if head else 0.0)
         yield depth
         yield oldest
         for name, (doc, labels) in COUNTERS.items():

@@ -48,8 +48,8 @@ def make_celery(settings: Settings, tiers: Tiers) -> Celery:
     app = Celery("sdq", broker=broker, set_as_current=False)
     app.conf.update(
         task_queues=[
-            Queue(tier.queue, routing_key=tier.queue, queue_arguments=queue_arguments)
-            for tier in tiers
+            Queue(queue, routing_key=queue, queue_arguments=queue_arguments)
+            for _tier, _model, _lane, queue in tiers.lanes()
         ],
         task_default_queue=tiers.get("normal").queue if "normal" in tiers.names else None,
         task_serializer="json",

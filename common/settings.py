@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Secrets that ship as defaults so the local stack runs with no configuration. Production
@@ -15,6 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_S3_SECRET = "sdq-dev-secret"
 #: False while `Settings.unchecked()` builds settings without the production checks.
 _CHECKED: ContextVar[bool] = ContextVar("sdq_settings_checked", default=True)
+#: The checkout this package runs from, when it is an editable install (None otherwise).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+HOME_NAME = ".sdq"
+
+
+def default_home(cwd: Path, checkout: Path | None = _CHECKOUT) -> Path:
+    """The local stack's home when SDQ_HOME is not set: the nearest ``.sdq`` folder in
+    ``cwd`` or above it, stopping at the root of the editable checkout sdq runs from; else
+    that checkout's ``.sdq``; else ``cwd/.sdq`` (issue 15: `sdq down` from another folder)."""
+    if checkout is not None and not (checkout / "pyproject.toml").is_file():
+        checkout = None  # an installed package (site-packages), not a checkout
+    cwd = cwd.resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / HOME_NAME).is_dir() or folder == checkout:
+            return folder / HOME_NAME
+    return (checkout or cwd) / HOME_NAME
 
 
 class Settings(BaseSettings):
@@ -25,7 +41,11 @@ class Settings(BaseSettings):
     )
 
     env: Literal["development", "production"] = "development"
-    home: Path = Field(Path(".sdq"), description="Local state: the embedded servers' data, pids.")
+    home: Path = Field(
+        default_factory=lambda: default_home(Path.cwd()),
+        description="Local state: the embedded servers' data, pids, logs. Default: the nearest "
+        ".sdq at or above the working folder, else the editable checkout's .sdq, else ./.sdq.",
+    )
 
     # Redis-compatible job store, and the Celery broker (defaults to the same server).
     redis_url: str = "redis://127.0.0.1:6390/0"
@@ -48,6 +68,13 @@ class Settings(BaseSettings):
         None, description="Model id or local directory; defaults to the tiny model under home."
     )
     tiers_file: Path | None = None
+    models_file: Path | None = None
+    styles_file: Path | None = None
+    model_sources: dict[str, str] = Field(
+        default_factory=dict,
+        description='Where each model loads from, by id (JSON: {"sd15": "/models/sd15"}); '
+        "overrides the models file's source.",
+    )
     runner: Literal["auto", "local", "remote"] = Field(
         "auto", description="remote: serve from the tier's remote API only (no model)."
     )
@@ -178,6 +205,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = Field(False, description="One JSON object per log line.")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Resolved once, here: `sdq down` and `sdq ps` find the stack from any folder.
+        return home.expanduser().resolve()
 
     @classmethod
     def unchecked(cls) -> Settings:

@@ -257,6 +257,7 @@ class JobStore:
                     "id": job.id,
                     "created_at": job.created_at,
                     "tier": job.tier,
+                    "lane": job.lane or job.tier,
                     "priority": job.priority,
                     "cost": job.cost,
                     "fields": record_fields(job),

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import tomllib
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from common import toml_files
 from common.errors import InvalidRequest, SdqError
+from common.models import Models
 
 HardwareClass = Literal["cpu", "t4", "l4", "a10g", "l40s", "a100", "h100", "h200"]
 Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
@@ -38,6 +38,10 @@ class Tier(BaseModel):
     spillover_after_seconds: float | None = Field(
         None, gt=0, description="Send a job to the remote API once it waited this long."
     )
+    default_model: str = Field("sdxl", description="The model a job gets when it names none.")
+    models: list[str] = Field(
+        default_factory=list, description="Every model it serves; its default when empty."
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Tier:
@@ -45,7 +49,31 @@ class Tier(BaseModel):
             raise ValueError(f"tier {self.name}: default_steps exceeds max_steps")
         if (self.remote_only or self.remote_fallback) and not self.remote_url:
             raise ValueError(f"tier {self.name}: remote_only and remote_fallback need remote_url")
+        if self.default_model not in self.models:
+            self.models.insert(0, self.default_model)
         return self
+
+    def serves(self, model: str) -> None:
+        """Raise InvalidRequest unless this tier serves ``model``."""
+        if model not in self.models:
+            raise InvalidRequest(
+                f"tier {self.name} does not serve model {model!r}; "
+                f"it serves: {', '.join(self.models)}"
+            )
+
+    def lane(self, model: str) -> str:
+        """Where a job of ``model`` waits: the tier's own name for its default model, and
+        ``tier.model`` for another, so that a worker of one model never takes another's."""
+        return self.name if model == self.default_model else f"{self.name}.{model}"
+
+    def queue_for(self, model: str) -> str:
+        """The broker queue of (this tier, ``model``): the tier's queue for its default."""
+        return self.queue if model == self.default_model else f"{self.queue}.{model}"
+
+    @property
+    def lanes(self) -> list[tuple[str, str, str]]:
+        """(model, lane, queue) for every model it serves, its default first."""
+        return [(model, self.lane(model), self.queue_for(model)) for model in self.models]
 
     def falls_back(self, policy: FallbackPolicy) -> bool:
         return self.remote_url is not None and policy in self.remote_fallback
@@ -89,9 +117,22 @@ class Tiers:
         if not tiers:
             raise TierConfigError("the tiers file declares no tier")
         self._by_name = {tier.name: tier for tier in tiers}
-        queues = [tier.queue for tier in tiers]
+        queues = [queue for tier in tiers for _, _, queue in tier.lanes]
         if len(set(queues)) != len(queues):
             raise TierConfigError("two tiers share a queue")
+
+    def check_models(self, models: Models) -> None:
+        """Raise TierConfigError when a tier names a model the models file lacks."""
+        for tier in self:
+            unknown = [model for model in tier.models if model not in models]
+            if unknown:
+                raise TierConfigError(
+                    f"tier {tier.name} names models the models file lacks: {', '.join(unknown)}"
+                )
+
+    def lanes(self) -> list[tuple[Tier, str, str, str]]:
+        """(tier, model, lane, queue) of every pair a worker may serve."""
+        return [(tier, *lane) for tier in self for lane in tier.lanes]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._by_name.values())
@@ -113,21 +154,10 @@ class Tiers:
 
     @classmethod
     def from_toml(cls, text: str, source: str = "tiers file") -> Tiers:
-        try:
-            data = tomllib.loads(text)
-            tiers = [
-                Tier.model_validate({"name": name, **spec})
-                for name, spec in data.get("tiers", {}).items()
-            ]
-        except (tomllib.TOMLDecodeError, ValidationError) as exc:
-            raise TierConfigError(f"{source}: {exc}") from exc
-        return cls(tiers)
+        return cls(toml_files.entries(text, source, "tiers", "name", Tier, TierConfigError))
 
 
 @lru_cache
 def load_tiers(path: Path | None = None) -> Tiers:
     """Read the tiers file at ``path``, or the one sdq ships."""
-    if path is None:
-        text = resources.files("common").joinpath("tiers.toml").read_text(encoding="utf-8")
-        return Tiers.from_toml(text, "built-in tiers.toml")
-    return Tiers.from_toml(path.read_text(encoding="utf-8"), str(path))
+    return Tiers.from_toml(*toml_files.read(path, "tiers.toml"))

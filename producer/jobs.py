@@ -13,7 +13,7 @@ from functools import partial
 import anyio
 from celery import Celery
 
-from common.errors import Conflict, NotFound
+from common.errors import Conflict, Forbidden, NotFound
 from common.job import (
     DEFAULT_WEBHOOK_EVENTS,
     Job,
@@ -28,6 +28,7 @@ from common.netguard import check_url
 from common.queue import GENERATE_TASK, broker_priority, time_limits
 from common.settings import Settings
 from common.store import Created, JobStore, Transition, batch_key, request_digest
+from common.styles import Styles, load_styles
 from common.tiers import Tiers
 from common.transport import task_message
 
@@ -64,10 +65,18 @@ class Submitted:
 class JobService:
     """The producer's one way to create and cancel work."""
 
-    def __init__(self, settings: Settings, store: JobStore, tiers: Tiers, celery: Celery) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        tiers: Tiers,
+        celery: Celery,
+        styles: Styles | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.tiers = tiers
+        self.styles = styles or load_styles(settings.styles_file)
         self.celery = celery
         broker = settings.effective_broker_url
         #: When the broker is the job store's own Redis, a job's task message is pushed in
@@ -78,6 +87,29 @@ class JobService:
     def prepare(self, key: ApiKey, request: JobRequest, batch_id: str | None = None) -> Job:
         """The job ``request`` would become, with tier defaults and limits applied."""
         tier = self.tiers.get(request.tier)
+        style = None if request.style is None else self.styles.get(request.style)
+        model = request.model or (style.model if style and style.model else tier.default_model)
+        tier.serves(model)
+        if not key.may_use(model, tier.default_model):
+            raise Forbidden(
+                f"model {model} is available upon request: this key is not entitled to it "
+                f"(tier {tier.name} serves {tier.default_model} to every key)"
+            )
+        prompt, negative = request.prompt, request.negative_prompt
+        if style is not None:
+            prompt, negative = style.apply(prompt, negative)
+            defaults = {
+                "guidance_scale": style.guidance_scale,
+                "steps": None if style.steps is None else min(style.steps, tier.max_steps),
+            }
+            # A style's defaults fill only what the request left unset.
+            unset = {
+                name: value
+                for name, value in defaults.items()
+                if value is not None and name not in request.model_fields_set
+            }
+            if unset:
+                request = request.model_copy(update=unset)
         steps = request.steps or tier.default_steps
         tier.check_limits(
             steps=steps, width=request.width, height=request.height, images=request.num_images
@@ -101,6 +133,11 @@ class JobService:
             priority=min(request.priority, ceiling),
             created_at=now(),
             batch_id=batch_id,
+            model_id=model,
+            lane=tier.lane(model),
+            style=None if style is None else style.slug,
+            prompt=prompt,
+            negative_prompt=negative,
         )
 
     def submit(
@@ -183,7 +220,8 @@ class JobService:
         tier = self.tiers.get(job.tier)
         limits = time_limits(tier, self.settings)
         task_id = task_id_for(job.id, resend=resend)
-        return task_message(GENERATE_TASK, [job.id], tier.queue, priority, limits, task_id)
+        queue = tier.queue_for(job.model_id)
+        return task_message(GENERATE_TASK, [job.id], queue, priority, limits, task_id)
 
     def publish(self, job: Job, *, resend: bool = False) -> None:
         """Send the job's task message to a broker other than the store's Redis."""
@@ -193,7 +231,7 @@ class JobService:
             GENERATE_TASK,
             args=[job.id],
             task_id=task_id_for(job.id, resend=resend),
-            queue=tier.queue,
+            queue=tier.queue_for(job.model_id),
             priority=broker_priority(job.priority, self.settings.effective_broker_url),
             time_limit=hard,
             soft_time_limit=soft,

@@ -29,7 +29,7 @@ import redis
 
 from common.errors import NotFound
 from common.job import Job
-from common.metrics import Recorder
+from common.metrics import Recorder, queued_key
 from common.queue import is_amqp
 from common.store import JobStore
 from common.transport import PRIORITY_STEPS, queue_key
@@ -96,8 +96,8 @@ class Reconciler:
                 raise
             except Exception:
                 log.exception("reconciler: job %s could not be taken over", job_id)
-        for tier in self.jobs.tiers:
-            done["enqueued"] += self._fill(tier.name, tier.queue)
+        for _tier, _model, lane, queue in self.jobs.tiers.lanes():
+            done["enqueued"] += self._fill(lane, queue)
         done.pop("", None)
         for action, count in done.items():
             if count:
@@ -129,16 +129,17 @@ class Reconciler:
         log.warning("job %s: its worker's lease ran out; requeued", job.id)
         return "requeued"
 
-    def _fill(self, tier: str, queue: str) -> int:
-        """Send the messages tier ``tier`` lacks; returns how many were sent."""
-        queued = int(self.redis.zcard(f"sdq:queued:{tier}"))
+    def _fill(self, lane: str, queue: str) -> int:
+        """Send the messages ``lane`` (a tier, or a tier's model) lacks; returns how many were
+        sent."""
+        queued = int(self.redis.zcard(queued_key(lane)))
         deficit = queued - self._messages(queue) if queued else 0
-        missing = min(deficit, self._deficit.get(tier, 0))
-        self._deficit[tier] = deficit
+        missing = min(deficit, self._deficit.get(lane, 0))
+        self._deficit[lane] = deficit
         if missing <= 0:
             return 0
         # The newest queued jobs: the oldest are the likeliest to have theirs in flight.
-        ids = [str(i) for i in self.redis.zrevrange(f"sdq:queued:{tier}", 0, missing - 1)]
+        ids = [str(i) for i in self.redis.zrevrange(queued_key(lane), 0, missing - 1)]
         sent = 0
         for job in self.store.get_many(ids):
             if job is None:
@@ -149,7 +150,7 @@ class Reconciler:
             elif not self._publish(job):
                 break
             sent += 1
-        self._deficit[tier] = 0  # counted afresh next round, with these sent
+        self._deficit[lane] = 0  # counted afresh next round, with these sent
         return sent
 
     def _messages(self, queue: str) -> int:

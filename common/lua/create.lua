@@ -5,7 +5,7 @@
 -- ARGV[1]  the plan, JSON built by JobStore._create_call from validated fields:
 --   cost, digest ('' without an Idempotency-Key), idempotency_ttl, timestamp, now,
 --   delivery_ttl, stuck_ttl, batch ('' for none), max_jobs (the default cap), and jobs: a list of
---   {id, created_at, tier, priority, cost, fields (name -> JSON text), queued_delivery,
+--   {id, created_at, tier, lane, priority, cost, fields (name -> JSON text), queued_delivery,
 --   list, message ('' and '' when the caller publishes to the broker itself)}.
 --
 -- `created_at` is the store's clock, so waits are measured on one clock; the last-resort
@@ -51,11 +51,11 @@ for i, job in ipairs(plan.jobs) do
   redis.call('EXPIRE', jobkey, plan.stuck_ttl)
   redis.call('ZADD', KEYS[2], created_text, job.id)
   redis.call('ZADD', status_index(key_id, 'queued'), created_text, job.id)
-  redis.call('ZADD', 'sdq:queued:' .. job.tier, created_text, job.id)
-  -- Fair share: a ring of the keys with jobs waiting at this tier and priority.
-  local mine = fair_list(job.tier, job.priority, key_id)
+  redis.call('ZADD', queued_index(job.lane), created_text, job.id)
+  -- Fair share: a ring of the keys with jobs waiting in this lane at this priority.
+  local mine = fair_list(job.lane, job.priority, key_id)
   if redis.call('RPUSH', mine, job.id) == 1 then
-    redis.call('RPUSH', fair_ring(job.tier, job.priority), key_id)
+    redis.call('RPUSH', fair_ring(job.lane, job.priority), key_id)
   end
   count('sdq_jobs_total', '{"status":"queued","tier":"' .. job.tier .. '"}', 1)
   count('sdq_credits_debited_total', '{"tier":"' .. job.tier .. '"}', job.cost)

@@ -4,8 +4,10 @@
 local function job_key(id) return 'sdq:job:' .. id end
 local function apikey_key(id) return 'sdq:apikey:' .. id end
 local function status_index(key_id, status) return 'sdq:apikey:' .. key_id .. ':jobs:' .. status end
-local function fair_ring(tier, priority) return 'sdq:fair:' .. tier .. ':' .. priority end
-local function fair_list(tier, priority, key_id) return fair_ring(tier, priority) .. ':' .. key_id end
+-- A lane is where jobs wait: a tier for its default model, `tier.model` for another.
+local function fair_ring(lane, priority) return 'sdq:fair:' .. lane .. ':' .. priority end
+local function fair_list(lane, priority, key_id) return fair_ring(lane, priority) .. ':' .. key_id end
+local function queued_index(lane) return 'sdq:queued:' .. lane end
 
 -- The store's clock, in seconds: every machine's leases and waits are measured by it.
 local function clock()
@@ -72,4 +74,11 @@ local function emit(jobkey, etype, ts, did, now, dttl)
   redis.call('LSET', eventskey, seq - 1, event)
   redis.call('PUBLISH', 'sdq:events:' .. field(jobkey, 'id'), event)
   schedule(jobkey, etype, did, ts, now, dttl, 'seq', seq)
+end
+
+-- A job's lane; records written before lanes existed wait in their tier's.
+local function lane_of(jobkey)
+  local lane = field(jobkey, 'lane')
+  if not lane or lane == '' then return field(jobkey, 'tier') end
+  return lane
 end

@@ -1,5 +1,5 @@
 -- Which job a task message runs. Every job sends one message, but a message runs the next
--- job of its tier and priority in turn by key (round robin), so one key's thousands of
+-- job of its lane (tier and model) and priority in turn by key (round robin), so one key's thousands of
 -- waiting jobs delay another key's new job by at most a few. A redelivered message (same
 -- task id) runs the job it took the first time.
 --
@@ -12,14 +12,14 @@
 local taken = redis.call('GET', KEYS[1])
 if taken then return taken end
 local hint = job_key(ARGV[1])
-local tier, priority = field(hint, 'tier'), redis.call('HGET', hint, 'priority')
+local lane, priority = lane_of(hint), redis.call('HGET', hint, 'priority')
 local chosen = false
-if tier and priority then
-  local ring = fair_ring(tier, priority)
+if lane and priority then
+  local ring = fair_ring(lane, priority)
   for _ = 1, tonumber(ARGV[3]) do
     local key_id = redis.call('LPOP', ring)
     if not key_id then break end
-    local mine = fair_list(tier, priority, key_id)
+    local mine = fair_list(lane, priority, key_id)
     local id = redis.call('LPOP', mine)
     if redis.call('LLEN', mine) > 0 then redis.call('RPUSH', ring, key_id) end
     if id and redis.call('HGET', job_key(id), 'status') == '"queued"' then

@@ -40,7 +40,7 @@ end
 local id, key_id, tier = field(jobkey, 'id'), field(jobkey, 'key_id'), field(jobkey, 'tier')
 local terminal_before = cur == 'succeeded' or cur == 'failed' or cur == 'canceled'
 redis.call('HSET', jobkey, 'status', '"' .. args.to .. '"')
-redis.call('ZREM', 'sdq:queued:' .. tier, id)
+redis.call('ZREM', queued_index(lane_of(jobkey)), id)
 if cur ~= args.to then
   local created = redis.call('ZSCORE', status_index(key_id, cur), id)
   redis.call('ZREM', status_index(key_id, cur), id)

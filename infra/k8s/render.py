@@ -1,5 +1,5 @@
-"""Render infra/k8s/workers.yaml from the tiers file: per tier, a worker Deployment pinned
-to the tier's GPU classes and a KEDA ScaledObject on its queue's length.
+"""Render infra/k8s/workers.yaml from the tiers file: per tier and model it serves, a worker
+Deployment pinned to the tier's GPU classes and a KEDA ScaledObject on that pair's queue.
 
     python infra/k8s/render.py [--tiers path/to/tiers.toml] > infra/k8s/workers.yaml
 
@@ -35,21 +35,28 @@ def priority_lists(queue: str) -> list[str]:
     return [queue_key(queue, p) for p in PRIORITY_STEPS]
 
 
-def deployment(tier: Tier) -> dict[str, Any]:
-    name = f"sdq-worker-{tier.name}"
+def worker_name(tier: Tier, model: str) -> str:
+    """``sdq-worker-<tier>`` for the tier's default model, ``...-<tier>-<model>`` otherwise."""
+    suffix = "" if model == tier.default_model else f"-{model}"
+    return f"sdq-worker-{tier.name}{suffix}"
+
+
+def deployment(tier: Tier, model: str) -> dict[str, Any]:
+    name = worker_name(tier, model)
+    labels = {"app": name, "sdq.dev/tier": tier.name, "sdq.dev/model": model}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
             "name": name,
             "namespace": NAMESPACE,
-            "labels": {"app": name, "sdq.dev/tier": tier.name},
+            "labels": labels,
         },
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": name, "sdq.dev/tier": tier.name}},
+                "metadata": {"labels": labels},
                 "spec": {
                     "terminationGracePeriodSeconds": GRACE_SECONDS,
                     "affinity": {
@@ -76,7 +83,7 @@ def deployment(tier: Tier) -> dict[str, Any]:
                         {
                             "name": "worker",
                             "image": IMAGE,
-                            "args": ["sdq", "worker", "--tier", tier.name],
+                            "args": ["sdq", "worker", "--tier", tier.name, "--model", model],
                             "envFrom": [
                                 {"configMapRef": {"name": "sdq-config"}},
                                 {"secretRef": {"name": "sdq-secrets"}},
@@ -95,8 +102,9 @@ def deployment(tier: Tier) -> dict[str, Any]:
     }
 
 
-def scaled_object(tier: Tier) -> dict[str, Any]:
-    lists = priority_lists(tier.queue)
+def scaled_object(tier: Tier, model: str) -> dict[str, Any]:
+    name, queue_name = worker_name(tier, model), tier.queue_for(model)
+    lists = priority_lists(queue_name)
     triggers = [
         {
             "type": "redis",
@@ -113,12 +121,12 @@ def scaled_object(tier: Tier) -> dict[str, Any]:
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
         "metadata": {
-            "name": f"sdq-worker-{tier.name}",
+            "name": name,
             "namespace": NAMESPACE,
-            "labels": {"sdq.dev/queue": tier.queue},
+            "labels": {"sdq.dev/queue": queue_name},
         },
         "spec": {
-            "scaleTargetRef": {"name": f"sdq-worker-{tier.name}"},
+            "scaleTargetRef": {"name": name},
             "minReplicaCount": 1,
             "maxReplicaCount": 8,
             "cooldownPeriod": 600,
@@ -136,8 +144,8 @@ def scaled_object(tier: Tier) -> dict[str, Any]:
 
 def render(tiers_file: Path | None) -> str:
     documents: list[dict[str, Any]] = []
-    for tier in load_tiers(tiers_file):
-        documents += [deployment(tier), scaled_object(tier)]
+    for tier, model, _lane, _queue in load_tiers(tiers_file).lanes():
+        documents += [deployment(tier, model), scaled_object(tier, model)]
     header = "# Rendered by infra/k8s/render.py from the tiers file; do not edit by hand.\n"
     return header + yaml.safe_dump_all(documents, sort_keys=False, width=100)
 

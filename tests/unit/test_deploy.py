@@ -94,17 +94,20 @@ def test_workers_yaml_is_rendered_from_the_tiers_file() -> None:
     assert result.stdout == (K8S / "workers.yaml").read_text(), "run `make k8s`"
 
 
-def test_every_tier_has_a_worker_and_a_scaler_on_its_queue() -> None:
+def test_every_tier_and_model_has_a_worker_and_a_scaler_on_its_queue() -> None:
     docs = manifests()
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
-    for tier in load_tiers():
-        name = f"sdq-worker-{tier.name}"
+    pairs = load_tiers().lanes()
+    workers = [name for name in by_kind["Deployment"] if name.startswith("sdq-worker-")]
+    assert len(workers) == len(pairs) == 8
+    for tier, model, _lane, queue in pairs:
+        name = f"sdq-worker-{tier.name}" + ("" if model == tier.default_model else f"-{model}")
         deployment = by_kind["Deployment"][name]
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        assert container["args"] == ["sdq", "worker", "--tier", tier.name]
+        assert container["args"] == ["sdq", "worker", "--tier", tier.name, "--model", model]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod["terminationGracePeriodSeconds"] >= 600
         term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
@@ -113,7 +116,7 @@ def test_every_tier_has_a_worker_and_a_scaler_on_its_queue() -> None:
         scaler = by_kind["ScaledObject"][name]
         assert scaler["spec"]["scaleTargetRef"]["name"] == name
         lists = {t["metadata"]["listName"] for t in scaler["spec"]["triggers"]}
-        expected = {tier.queue} | {f"{tier.queue}:{p}" for p in range(1, MAX_PRIORITY + 1)}
+        expected = {queue} | {f"{queue}:{p}" for p in range(1, MAX_PRIORITY + 1)}
         assert lists == expected
         formula = scaler["spec"]["advanced"]["scalingModifiers"]["formula"]
         assert formula.count("+") == MAX_PRIORITY

@@ -3,14 +3,20 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidRequest
+from common.models import load_models
 from common.tiers import TierConfigError, Tiers, load_tiers
 
 
 def test_builtin_tiers_mirror_hotpot() -> None:
     tiers = load_tiers()
-    assert tiers.names == ["budget", "normal", "premium"]
-    assert [t.queue for t in tiers] == ["sdq.budget", "sdq.normal", "sdq.premium"]
-    assert [t.price for t in tiers] == [1, 2, 4]
+    assert tiers.names == ["budget", "normal", "premium", "art"]
+    assert [t.queue for t in tiers] == ["sdq.budget", "sdq.normal", "sdq.premium", "sdq.art"]
+    assert [t.price for t in tiers] == [1, 2, 4, 3]
+    assert tiers.get("normal").models == ["sdxl", "sd15", "sd21"]
+    assert tiers.get("premium").models == tiers.get("art").models == ["sdxl"]
+    assert tiers.get("normal").queue_for("sd15") == "sdq.normal.sd15"
+    assert tiers.get("normal").lane("sdxl") == "normal"
+    tiers.check_models(load_models())
     assert tiers.get("premium").hardware == ["a100", "h100", "h200"]
     assert "t4" in tiers.get("budget").hardware and "t4" not in tiers.get("normal").hardware
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.keys import KeyStore
+from producer.client import Client
 
 SDQ = [sys.executable, "-m", "producer.cli"]
 
@@ -57,9 +59,58 @@ def test_submit_waits_and_saves(env: dict[str, str], api_url: str, new_key, tmp_
     assert '"status": "succeeded"' in result.stdout
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (64, 96)
-    job_id = next(line for line in result.stdout.splitlines() if '"id"' in line).split('"')[3]
+    job_id = json.loads(result.stdout)["id"]
     status = sdq("status", job_id, env=cli_env)
-    assert status.returncode == 0 and job_id in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert f"id        {job_id}" in status.stdout and "status    succeeded" in status.stdout
+    assert "render    2 steps, 64x96, seed 3, 1 image" in status.stdout
+    as_json = sdq("status", job_id, "--json", env=cli_env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["status"] == "succeeded"
+    assert as_json.stdout.startswith('{\n  "id": ')  # the JSON `status` always printed
+
+
+def test_jobs_lists_whole_ids(env: dict[str, str], api_url: str, new_key) -> None:
+    cli_env = {**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": new_key(10)}
+    long_prompt = "a very long prompt about a lighthouse at dusk, " * 5
+    submitted = [
+        json.loads(
+            sdq("submit", long_prompt, "--tier", "budget", "--steps", "1", env=cli_env).stdout
+        )
+        for _ in range(2)
+    ]
+    ids = {job["id"] for job in submitted}
+    as_json = sdq("jobs", "--json", env=cli_env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert {job["id"] for job in json.loads(as_json.stdout)["jobs"]} == ids
+    # Piped, not a terminal: one tab-separated line a job, the id whole.
+    plain = sdq("jobs", env=cli_env)
+    assert plain.returncode == 0, plain.stderr
+    header, *rows = plain.stdout.splitlines()
+    assert header.split("\t") == ["id", "tier", "status", "created", "prompt"]
+    assert {row.split("\t")[0] for row in rows} == ids
+    assert all(row.split("\t")[4] == long_prompt.strip() for row in rows)
+
+
+def test_submit_quotes_the_tiers_limits(env: dict[str, str], api_url: str, new_key) -> None:
+    key = new_key(10)
+    cli_env = {**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": key}
+    with Client(api_url, key) as client:
+        names = ", ".join(tier.name for tier in client.tiers())
+    cases = {
+        ("--steps", "500", "--tier", "budget"): "steps must be at most 30 on tier budget",
+        ("--size", "2048x2048", "--tier", "normal"): (
+            "width must be at most 1536 on tier normal; height must be at most 1536 on tier normal"
+        ),
+        ("--images", "3", "--tier", "budget"): "num_images must be at most 2 on tier budget",
+        ("--tier", "ultra",): f"unknown tier 'ultra'; choose one of: {names}",
+        ("--steps", "0",): "steps: Input should be greater than or equal to 1",
+    }  # fmt: skip
+    for args, message in cases.items():
+        result = sdq("submit", "a fox", *args, env=cli_env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == f"error: {message}"
+    assert sdq("jobs", "--json", env=cli_env).stdout.count('"id"') == 0
 
 
 def test_submit_reports_api_errors(env: dict[str, str], api_url: str) -> None:

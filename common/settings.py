@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.models import Model
+
 #: Secrets that ship as defaults so the local stack runs with no configuration. Production
 #: refuses to start with any of them.
 DEV_S3_SECRET = "sdq-dev-secret"
@@ -164,6 +166,18 @@ class Settings(BaseSettings):
     max_batch_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="/v1/batches.")
     max_form_body_bytes: int = Field(64 * 1024, ge=1024, description="Hotpot forms.")
     max_form_fields: int = Field(32, ge=1, description="Parts of one Hotpot form.")
+    max_image_body_bytes: int = Field(
+        12 * 1024 * 1024,
+        ge=1024,
+        description="Bodies that carry an input image (init_image, seedImage), on the routes "
+        "that take one.",
+    )
+    max_init_image_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="An input image, decoded (PNG, JPEG or WebP)."
+    )
+    max_init_image_side: int = Field(
+        4096, ge=64, description="Pixels on either side of an input image (a decompression cap)."
+    )
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body must arrive within this long (408)."
     )
@@ -255,7 +269,23 @@ class Settings(BaseSettings):
 
     @property
     def tiny_model_dir(self) -> Path:
-        return self.home / "models" / "tiny-sdxl"
+        return self.tiny_dir("sdxl")
+
+    def tiny_dir(self, family: str) -> Path:
+        """Where `sdq models build-tiny` writes the tiny pipeline of ``family``."""
+        return self.home / "models" / f"tiny-{family}"
+
+    def model_source(self, model: Model) -> str:
+        """Where ``model`` loads from: SDQ_MODEL_SOURCES, else SDQ_MODEL for the sdxl model,
+        else in development the tiny pipeline of its family under home, else the models
+        file's source."""
+        if model.id in self.model_sources:
+            return self.model_sources[model.id]
+        if model.id == "sdxl" and self.model is not None:
+            return self.model
+        if self.env == "development":
+            return str(self.tiny_dir(model.family))
+        return model.source
 
 
 @lru_cache

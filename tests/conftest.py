@@ -6,6 +6,7 @@ same command lines ``sdq up`` uses. The Celery worker and the API run as real su
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,9 +83,26 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(workdir: Path) -> Path:
+    """The tiny SDXL pipeline, saved as from_pretrained reads it."""
     from workers.tiny import build_tiny
 
     return build_tiny(workdir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(workdir: Path) -> Path:
+    """The tiny SD 1.5 pipeline (epsilon)."""
+    from workers.tiny import build_tiny
+
+    return build_tiny(workdir / "tiny-sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd21(workdir: Path) -> Path:
+    """The tiny SD 2.1 pipeline (v-prediction)."""
+    from workers.tiny import build_tiny
+
+    return build_tiny(workdir / "tiny-sd21", "sd21")
 
 
 @pytest.fixture(scope="session")
@@ -135,8 +153,8 @@ def broker(workdir: Path) -> Iterator[dict[str, str]]:
     yield {"SDQ_BROKER_URL": url, "SDQ_TIERS_FILE": str(tiers_file)}
     with Connection(url) as conn:
         channel = conn.channel()
-        for tier in load_tiers(tiers_file):
-            channel.queue_delete(tier.queue)
+        for _tier, _model, _lane, queue in load_tiers(tiers_file).lanes():
+            channel.queue_delete(queue)
 
 
 @pytest.fixture(scope="session")
@@ -221,12 +239,28 @@ def receiver() -> Iterator[Receiver]:
 def worker(
     env: dict[str, str], workdir: Path, storage: S3Storage
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker (prefork, one child) serving every tier."""
+    """A real Celery worker (prefork, one child) serving every tier's default model."""
     log = workdir / "worker.log"
     argv = [sys.executable, "-m", "producer.cli", "worker"]
-    argv += ["--tier", "budget", "--tier", "normal", "--tier", "premium"]
+    argv += ["--tier", "budget", "--tier", "normal", "--tier", "premium", "--tier", "art"]
     proc = spawn(argv, log, env)
     wait_until(lambda: "ready." in log.read_text(errors="replace"), 90, "worker", proc, log)
+    yield proc
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def sd15_worker(
+    env: dict[str, str], workdir: Path, storage: S3Storage, tiny_sd15: Path, tiny_sd21: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A second real worker: the sd15 queues of budget and normal (`--model sd15`), loading
+    the tiny SD 1.5 pipeline through SDQ_MODEL_SOURCES."""
+    log = workdir / "worker-sd15.log"
+    argv = [sys.executable, "-m", "producer.cli", "worker"]
+    argv += ["--tier", "budget", "--tier", "normal", "--model", "sd15"]
+    sources = {"sd15": str(tiny_sd15), "sd21": str(tiny_sd21)}
+    proc = spawn(argv, log, {**env, "SDQ_MODEL_SOURCES": json.dumps(sources)})
+    wait_until(lambda: "ready." in log.read_text(errors="replace"), 90, "sd15 worker", proc, log)
     yield proc
     stop(proc)
 

@@ -7,6 +7,7 @@ decodes the job id and calls ``execute``.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -16,17 +17,25 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from redis.exceptions import RedisError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from common.errors import InvalidRequest, ModelLoadError, RemoteApiError, SdqError, StorageError
+from common.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    NotFound,
+    RemoteApiError,
+    SdqError,
+    StorageError,
+)
 from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus
 from common.metrics import Recorder
 from common.queue import time_limits
 from common.settings import Settings
 from common.storage import Storage, object_key
 from common.store import JobStore
+from common.styles import Styles, load_styles
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.encode import encode
 from workers.lease import Lease
@@ -54,7 +63,8 @@ class Runner(Protocol):
 @dataclass
 class WorkerContext:
     """What a worker process runs jobs with. ``local`` is ``None`` when this machine has no
-    device for its tiers; ``remote`` gives the runner of a tier's remote API."""
+    device for its tiers; ``remote`` gives the runner of a tier's remote API. ``model`` is
+    the models-file id of the one model this worker serves (its local runner holds)."""
 
     settings: Settings
     store: JobStore
@@ -63,20 +73,71 @@ class WorkerContext:
     remote: Callable[[str], Runner] | None = None
     tiers: Tiers = field(default_factory=load_tiers)
     metrics: Recorder | None = None
+    model: str = "sdxl"
+    styles: Styles = field(default_factory=load_styles)
 
 
-def generation_for(job: Job, scheduler: str = "euler") -> Generation:
+def generation_for(
+    job: Job, scheduler: str = "euler", init_image: Image.Image | None = None
+) -> Generation:
+    """The pipeline call of ``job``: its prompts as run (after its style), and for
+    image-to-image its input and strength."""
     request = job.request
+    if job.prompt is None:  # a record from before styles: its request's prompts
+        prompt, negative_prompt = request.prompt, request.negative_prompt
+    else:
+        prompt, negative_prompt = job.prompt, job.negative_prompt
     return Generation(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
         guidance_scale=request.guidance_scale,
         steps=job.steps,
         width=request.width,
         height=request.height,
         seeds=[(job.seed + i) % (MAX_SEED + 1) for i in range(request.num_images)],
         scheduler=scheduler,
+        init_image=init_image,
+        strength=request.strength,
     )
+
+
+def scheduler_for(ctx: WorkerContext, job: Job, tier: Tier) -> str:
+    """The job's style's scheduler where it names one, else its tier's."""
+    if job.style is not None:
+        try:
+            style = ctx.styles.get(job.style)
+        except InvalidRequest:
+            log.warning("job %s: style %s left the styles file", job.id, job.style)
+        else:
+            if style.scheduler is not None:
+                return style.scheduler
+    return tier.scheduler
+
+
+def _storage_retry(ctx: WorkerContext) -> Retrying:
+    # botocore retries a few times itself; an S3 restart can take longer than that.
+    return Retrying(
+        retry=retry_if_exception_type(StorageError),
+        stop=stop_after_delay(ctx.settings.upload_retry_seconds),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        reraise=True,
+    )
+
+
+def read_init_image(ctx: WorkerContext, job: Job) -> Image.Image | None:
+    """Image-to-image: the job's input, as the API stored it (PNG); ``None`` without one."""
+    key = job.init_image_key
+    if key is None:
+        return None
+    try:
+        blob = _storage_retry(ctx)(ctx.storage.get, key)
+    except NotFound:
+        raise InvalidRequest(f"the input image {key} is gone from storage") from None
+    try:
+        with Image.open(io.BytesIO(blob.body)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidRequest(f"the input image {key} cannot be read: {exc}") from None
 
 
 def upload(
@@ -95,14 +156,7 @@ def upload(
             "model": runner.model_name,
             "backend": runner.backend,
         }
-        put = Retrying(
-            retry=retry_if_exception_type(StorageError),
-            stop=stop_after_delay(ctx.settings.upload_retry_seconds),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            reraise=True,
-        )
-        # botocore retries a few times itself; an S3 restart can take longer than that.
-        put(ctx.storage.put, key, body, content_type, metadata)
+        _storage_retry(ctx)(ctx.storage.put, key, body, content_type, metadata)
         results.append(
             ImageResult(
                 index=index,
@@ -205,12 +259,13 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         ctx.store.fail(job, message)
         return JobStatus.FAILED
     tier = ctx.tiers.get(job.tier)
-    generation = generation_for(job, tier.scheduler)
 
     try:
         runner, reason = choose_runner(ctx, job, tier, waited)
         clock = time.monotonic()
         with Lease(ctx.store, job.id, started.attempts) as lease:
+            init_image = read_init_image(ctx, job)
+            generation = generation_for(job, scheduler_for(ctx, job, tier), init_image)
             with StepReporter(ctx.store, job, lease=lease) as on_step:
                 try:
                     images = runner.generate(generation, on_step)
@@ -273,8 +328,24 @@ REMOTE_OFF = "the remote fallback is off here (SDQ_REMOTE_FALLBACK, SDQ_REMOTE_A
 
 def may_go_remote(ctx: WorkerContext, job: Job, tier: Tier, policy: FallbackPolicy) -> bool:
     """Whether ``policy`` sends ``job`` to its tier's remote API: the deployment opted in
-    (``ctx.remote`` is set only then), the tier lists the policy, the job allows it."""
-    return ctx.remote is not None and job.request.allow_remote and tier.falls_back(policy)
+    (``ctx.remote`` is set only then), the tier lists the policy, the job allows it, and
+    the remote API can run it: text to image, of the tier's default model."""
+    return (
+        ctx.remote is not None
+        and job.request.allow_remote
+        and tier.falls_back(policy)
+        and remote_can_run(job, tier) is None
+    )
+
+
+def remote_can_run(job: Job, tier: Tier) -> str | None:
+    """Why the tier's remote API cannot run ``job``, or ``None`` when it can: it serves the
+    tier's default model only, and text to image only."""
+    if job.model_id != tier.default_model:
+        return f"serves model {tier.default_model} only, not {job.model_id}"
+    if job.init_image_key is not None:
+        return "does not run image-to-image"
+    return None
 
 
 def choose_runner(
@@ -289,7 +360,15 @@ def choose_runner(
             raise InvalidRequest(
                 f"tier {tier.name} runs only on its remote API, and the job forbids it"
             )
+        why_not = remote_can_run(job, tier)
+        if why_not is not None:
+            raise InvalidRequest(f"tier {tier.name} runs only on its remote API, which {why_not}")
         return remote_runner(ctx, tier), "remote_only"
+    if job.model_id != ctx.model:
+        # Each (tier, model) pair has its own queue: only a misrouted message gets here.
+        raise ModelLoadError(
+            f"model {job.model_id} is not served by this worker (it serves {ctx.model})"
+        )
     local = ctx.local
     unavailable: tuple[FallbackPolicy, str] | None = None
     if local is None:

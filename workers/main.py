@@ -1,4 +1,5 @@
-"""Worker start-up: check the device against the tiers, then run Celery on their queues."""
+"""Worker start-up: check the model and the device against the tiers, then run Celery on
+their queues of that model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pydantic import ValidationError
 
 from common.errors import HardwareMismatch, InvalidRequest
+from common.models import ModelConfigError, load_models
 from common.settings import Settings, get_settings
 from common.tiers import load_tiers
 from workers.device import check_tier, detect
@@ -19,12 +21,15 @@ log = logging.getLogger(__name__)
 def run_worker(
     tier_names: list[str],
     *,
+    model: str | None = None,
     concurrency: int = 1,
     loglevel: str = "INFO",
     gpu: str | None = None,
     name: str | None = None,
 ) -> None:
-    """Serve ``tier_names``' queues; exits with status 2 when the device may not serve one.
+    """Serve ``tier_names``' queues of ``model`` (default: the first tier's default model),
+    loading that model only; exits with status 2, saying why in one line, when a tier does
+    not serve the model or the device may not serve a tier.
 
     A tier whose ``remote_fallback`` lists ``no_device`` is served from its remote API on a
     machine that lacks its hardware, instead of refusing, where the remote fallback is on.
@@ -41,6 +46,10 @@ def run_worker(
     try:
         # Most expensive first: a worker serving several tiers takes the dearest job waiting.
         selected = sorted((tiers.get(name) for name in tier_names), key=lambda t: -t.price)
+        model = model or tiers.get(tier_names[0]).default_model
+        load_models(settings.models_file).get(model)
+        for tier in selected:
+            tier.serves(model)
         for tier in selected:
             try:
                 check_tier(
@@ -52,6 +61,11 @@ def run_worker(
             except HardwareMismatch as exc:
                 if not tier.falls_back("no_device"):
                     raise
+                if model != tier.default_model:
+                    raise HardwareMismatch(
+                        f"{exc.message}; its remote API serves its default model "
+                        f"{tier.default_model} only, not {model}"
+                    ) from None
                 if not settings.remote_enabled:
                     raise HardwareMismatch(
                         f"{exc.message}; or serve it from its remote API with "
@@ -65,7 +79,7 @@ def run_worker(
                 "run them in separate workers"
             )
         get_settings()
-    except (HardwareMismatch, InvalidRequest) as exc:
+    except (HardwareMismatch, InvalidRequest, ModelConfigError) as exc:
         print(f"sdq worker: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValidationError as exc:
@@ -75,21 +89,27 @@ def run_worker(
     if remote:
         os.environ["SDQ_RUNNER"] = "remote"
         get_settings.cache_clear()
-    log.info("device: %s; serving %s", device.describe(), ", ".join(tier_names))
+    log.info("device: %s; serving model %s on %s", device.describe(), model, ", ".join(tier_names))
 
+    from workers import tasks
     from workers.celery_app import app
 
+    tasks.serve_model(model)
+    # The node is named for its tiers, and its model where that is not theirs (like lanes).
+    node = "+".join(tier_names)
+    if any(model != tier.default_model for tier in selected):
+        node += f".{model}"
     app.worker_main(
         [
             "worker",
             "--queues",
-            ",".join(tier.queue for tier in selected),
+            ",".join(tier.queue_for(model) for tier in selected),
             "--concurrency",
             str(concurrency),
             "--pool",
             "prefork",
             "--hostname",
-            name or f"{'+'.join(tier_names)}@%h",
+            name or f"{node}@%h",
             "--loglevel",
             loglevel,
             "--task-events",

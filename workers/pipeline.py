@@ -1,5 +1,7 @@
-"""The SDXL runner: loads ``StableDiffusionXLPipeline`` once per process and generates.
+"""The local runner: loads one model's diffusers pipeline once per process and generates.
 
+Each model family has its pipeline (SDXL: ``StableDiffusionXLPipeline``; SD 1.5 and 2.1:
+``StableDiffusionPipeline``) and its image-to-image twin, made from the loaded components.
 torch and diffusers are imported inside methods so that importing this module (from the
 Celery parent, say) initialises nothing.
 """
@@ -16,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from common.errors import ModelLoadError, SdqError
+from common.models import Family
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+#: Each family's (text-to-image, image-to-image) diffusers pipeline classes.
+PIPELINES: dict[Family, tuple[str, str]] = {
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    "sd21": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
 }
 
 
@@ -52,7 +62,8 @@ class CudaOutOfMemory(SdqError, MemoryError):
 
 @dataclass(frozen=True)
 class Generation:
-    """One pipeline call: a prompt, its settings, one seed per image."""
+    """One pipeline call: a prompt, its settings, one seed per image; with ``init_image``,
+    image-to-image from it at ``strength`` (0 keeps it, 1 ignores it)."""
 
     prompt: str
     negative_prompt: str | None
@@ -62,14 +73,35 @@ class Generation:
     height: int | None
     seeds: list[int]
     scheduler: str = "euler"
+    init_image: Image.Image | None = None
+    strength: float = 0.8
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps the pipeline runs: image-to-image skips the first
+        ``1 - strength`` of the schedule, as diffusers counts them."""
+        if self.init_image is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """Image-to-image: the output's (width, height), the input's rounded down to
+        multiples of 8 where the job names none."""
+        if self.init_image is None:
+            return None
+        width, height = self.init_image.size
+        return (self.width or max(8, width // 8 * 8), self.height or max(8, height // 8 * 8))
 
 
-class SdxlRunner:
-    """Local generation with diffusers' SDXL pipeline, kept warm in the worker process.
+class DiffusersRunner:
+    """Local generation with one model's diffusers pipeline, kept warm in the worker process.
 
-    On CUDA: fp16 weights (the ``fp16`` variant when the model has one), an optional
-    fp16-safe VAE, SDPA attention, channels_last, optional ``torch.compile`` with a warm-up
-    at load so the first job is not the slow one.
+    ``family`` picks the pipeline classes (``PIPELINES``). On CUDA: fp16 weights (the
+    ``fp16`` variant when the model has one), an optional replacement VAE, SDPA attention,
+    channels_last, optional ``torch.compile`` with a warm-up at load so the first job is not
+    the slow one. Image-to-image runs on the same components (``from_pipe``): one copy of
+    the weights in memory.
     """
 
     backend = "local"
@@ -78,12 +110,14 @@ class SdxlRunner:
         self,
         model: str,
         *,
+        family: Family = "sdxl",
         compile: bool = False,
         vae: str | None = None,
         variant: str | None = "fp16",
         threads: int | None = None,
     ) -> None:
         self.model = model
+        self.family: Family = family
         self.threads = threads
         self.compile = compile
         self.vae = vae
@@ -93,6 +127,8 @@ class SdxlRunner:
         #: Why the model could not be loaded, once a load has failed.
         self.load_error: str | None = None
         self._schedulers: dict[str, Any] = {}
+        self._scheduler_config: Any = None
+        self._img2img: Any = None
 
     @property
     def model_name(self) -> str:
@@ -109,8 +145,9 @@ class SdxlRunner:
 
     def _load(self) -> None:
         quiet_libraries()
+        import diffusers
         import torch
-        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+        from diffusers import AutoencoderKL
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         started = time.monotonic()
@@ -122,10 +159,11 @@ class SdxlRunner:
         self.device = "cuda" if cuda else "cpu"
         dtype = torch.float16 if cuda else torch.float32
         options: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
+        cls = getattr(diffusers, PIPELINES[self.family][0])
         try:
             if self.vae:
                 options["vae"] = AutoencoderKL.from_pretrained(self.vae, torch_dtype=dtype)
-            pipe = self._from_pretrained(StableDiffusionXLPipeline, options, cuda)
+            pipe = self._from_pretrained(cls, options, cuda)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {self.model!r}: {exc}") from exc
         pipe.to(self.device)
@@ -137,12 +175,18 @@ class SdxlRunner:
             if self.compile:
                 pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
         self.pipe = pipe
+        # The model's own scheduler config: every tier scheduler is made from it, so that
+        # what the model was trained for (prediction_type: v-prediction for SD 2.1 at 768)
+        # survives the swap, and no swap inherits another's options (Karras sigmas).
+        self._scheduler_config = pipe.scheduler.config
         self._schedulers = {}
+        self._img2img = None
         if cuda and self.compile:
             self._warm_up()
         log.info(
-            "loaded %s on %s (%s) in %.1fs",
+            "loaded %s (%s) on %s (%s) in %.1fs",
             self.model,
+            self.family,
             self.device,
             dtype,
             time.monotonic() - started,
@@ -167,14 +211,27 @@ class SdxlRunner:
         log.info("torch.compile warm-up took %.1fs", time.monotonic() - started)
 
     def scheduler(self, name: str) -> Any:
-        """The pipeline's scheduler swapped for the tier's, made once per name."""
+        """The tier's scheduler, made once per name from the model's scheduler config."""
         if name not in self._schedulers:
             import diffusers
 
             class_name, extra = SCHEDULERS[name]
             cls = getattr(diffusers, class_name)
-            self._schedulers[name] = cls.from_config(self.pipe.scheduler.config, **extra)
+            self._schedulers[name] = cls.from_config(self._scheduler_config, **extra)
         return self._schedulers[name]
+
+    @property
+    def img2img(self) -> Any:
+        """The family's image-to-image pipeline over the loaded components, made once."""
+        if self._img2img is None:
+            import diffusers
+
+            if self.pipe is None:
+                self.load()
+            cls = getattr(diffusers, PIPELINES[self.family][1])
+            self._img2img = cls.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
 
     def generate(
         self, generation: Generation, on_step: StepCallback | None = None
@@ -188,27 +245,40 @@ class SdxlRunner:
 
         if self.pipe is None:
             self.load()
-        self.pipe.scheduler = self.scheduler(generation.scheduler)
+        if generation.init_image is not None and generation.steps_run == 0:
+            # diffusers cannot run no step at all; a strength this low asks for the input.
+            log.info(
+                "strength %s of %d steps runs no step: the output is the input",
+                generation.strength,
+                generation.steps,
+            )
+            assert generation.size is not None
+            image = _resized(generation.init_image, generation.size)
+            return [image.copy() for _ in generation.seeds]
+        pipe = self.pipe if generation.init_image is None else self.img2img
+        pipe.scheduler = self.scheduler(generation.scheduler)
         try:
-            return self._call(generation, generation.seeds, on_step)
+            return self._call(pipe, generation, generation.seeds, on_step)
         except torch.cuda.OutOfMemoryError:
             log.warning("CUDA out of memory; retrying one image a call with VAE tiling")
         torch.cuda.empty_cache()
-        self.pipe.enable_vae_tiling()
+        # diffusers 0.42 dropped the pipelines' enable_vae_tiling(); the VAE has its own,
+        # and the image-to-image pipeline shares it.
+        pipe.vae.enable_tiling()
         try:
             return [
                 image
                 for seed in generation.seeds
-                for image in self._call(generation, [seed], on_step)
+                for image in self._call(pipe, generation, [seed], on_step)
             ]
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise CudaOutOfMemory() from exc
         finally:
-            self.pipe.disable_vae_tiling()
+            pipe.vae.disable_tiling()
 
     def _call(
-        self, generation: Generation, seeds: list[int], on_step: StepCallback | None
+        self, pipe: Any, generation: Generation, seeds: list[int], on_step: StepCallback | None
     ) -> list[Image.Image]:
         import torch
 
@@ -217,19 +287,37 @@ class SdxlRunner:
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
-                on_step(step + 1, generation.steps)
+                # The steps this call runs: image-to-image runs steps x strength of them.
+                on_step(step + 1, pipe.num_timesteps)
             return kwargs
 
-        with torch.inference_mode():
-            result = self.pipe(
-                prompt=generation.prompt,
-                negative_prompt=generation.negative_prompt,
-                guidance_scale=generation.guidance_scale,
-                num_inference_steps=generation.steps,
-                width=generation.width,
-                height=generation.height,
-                num_images_per_prompt=len(seeds),
-                generator=generators,
-                callback_on_step_end=step_end,
+        options: dict[str, Any] = {
+            "prompt": generation.prompt,
+            "negative_prompt": generation.negative_prompt,
+            "guidance_scale": generation.guidance_scale,
+            "num_inference_steps": generation.steps,
+            "num_images_per_prompt": len(seeds),
+            "generator": generators,
+            "callback_on_step_end": step_end,
+        }
+        if generation.init_image is None:
+            options.update(width=generation.width, height=generation.height)
+        else:
+            assert generation.size is not None
+            options.update(
+                image=_resized(generation.init_image, generation.size),
+                strength=generation.strength,
             )
+        with torch.inference_mode():
+            result = pipe(**options)
         return list(result.images)
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` in RGB at ``size``: the output of image-to-image has its input's size."""
+    image = image.convert("RGB")
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+#: Its name before it ran more than SDXL (bench/bench.py and tests/e2e/test_poison.py).
+SdxlRunner = DiffusersRunner

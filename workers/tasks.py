@@ -13,20 +13,31 @@ from celery.signals import worker_process_init
 from common.errors import ModelLoadError
 from common.job import JobStatus
 from common.metrics import Recorder
+from common.models import load_models
 from common.queue import GENERATE_TASK
 from common.redis import connect
 from common.settings import get_settings
 from common.storage import make_storage
 from common.store import JobStore
+from common.styles import load_styles
 from common.tiers import load_tiers
 from workers.celery_app import app
 from workers.execute import StoreUnavailable, WorkerContext, take_and_execute
-from workers.pipeline import Generation, SdxlRunner
+from workers.pipeline import DiffusersRunner, Generation
 from workers.remote import RemoteRunners
 
 log = logging.getLogger(__name__)
 
 _context: WorkerContext | None = None
+#: The models-file id of the model this worker serves: ``run_worker`` sets it in the Celery
+#: parent, before the pool forks its children, which inherit it.
+_model_id: str | None = None
+
+
+def serve_model(model_id: str) -> None:
+    """Make ``model_id`` the model this process's pool children load and serve."""
+    global _model_id
+    _model_id = model_id
 
 
 def context() -> WorkerContext:
@@ -34,12 +45,17 @@ def context() -> WorkerContext:
     global _context
     if _context is None:
         settings = get_settings()
+        models = load_models(settings.models_file)
+        # Started without `sdq worker` (no model named): the models file's first.
+        model = models.get(_model_id or models.ids[0])
         local = None
         if settings.runner != "remote":
-            local = SdxlRunner(
-                settings.model_path,
+            local = DiffusersRunner(
+                settings.model_source(model),
+                family=model.family,
                 compile=settings.torch_compile,
-                vae=settings.vae_model,
+                # SDQ_VAE_MODEL is an SDXL VAE (the fp16-safe one): no other family takes it.
+                vae=settings.vae_model if model.family == "sdxl" else None,
                 variant=settings.model_variant,
                 threads=settings.torch_threads,
             )
@@ -56,6 +72,8 @@ def context() -> WorkerContext:
             remote=RemoteRunners(settings).for_url if settings.remote_enabled else None,
             tiers=load_tiers(settings.tiers_file),
             metrics=Recorder(connect(settings.redis_url)),
+            model=model.id,
+            styles=load_styles(settings.styles_file),
         )
     return _context
 
@@ -64,7 +82,7 @@ def context() -> WorkerContext:
 def load_model(**_: Any) -> None:
     """Load the pipeline in each pool child, after the fork (CUDA does not survive fork)."""
     runner = context().local
-    if isinstance(runner, SdxlRunner):
+    if isinstance(runner, DiffusersRunner):
         try:
             runner.load()
         except ModelLoadError as exc:

@@ -1,9 +1,12 @@
-"""A tiny SDXL pipeline with random weights, built from configs.
+"""Tiny pipelines with random weights, one per model family, built from configs.
 
-No machine of ours can download SDXL's weights, so development and tests run the real
-``StableDiffusionXLPipeline`` code path on this: the same architecture (two CLIP text
-encoders, a text-time conditioned UNet, a KL VAE, Euler scheduler), scaled down and randomly
-initialised from a fixed seed. It paints noise, deterministically for a given seed.
+No machine of ours can download the real weights, so development and tests run the real
+diffusers code paths on these: each family's architecture, scaled down and randomly
+initialised from a fixed seed. SDXL: two CLIP text encoders, a text-time conditioned UNet, a
+KL VAE, Euler. SD 1.5: one CLIP text encoder (quick-GELU), a UNet with convolutional
+attention projections, PNDM (epsilon). SD 2.1: an OpenCLIP-like text encoder (GELU), linear
+projections, DDIM with v-prediction, as the real models ship them. They paint noise,
+deterministically for a given seed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import logging
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from common.models import Family
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,78 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
+# SD 1.5, scaled down: cross-attention on one text encoder's hidden states, convolutional
+# attention projections, a head count where `attention_head_dim` says (diffusers' legacy
+# name), and a quick-GELU CLIP ViT-L-like text encoder.
+TINY_SD15_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 1,
+}
+TINY_SD15_CLIP: dict[str, Any] = {**TINY_CLIP, "hidden_act": "quick_gelu"}
+# SD 2.1 (768-v), scaled down: linear projections, per-block head sizes, upcast attention
+# and an OpenCLIP ViT-H-like (GELU) text encoder; trained for v-prediction.
+TINY_SD21_UNET: dict[str, Any] = {
+    **TINY_SD15_UNET,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+TINY_SD21_CLIP: dict[str, Any] = {**TINY_CLIP, "hidden_act": "gelu"}
+
+# The schedulers the real models ship (their scheduler_config.json), which a tier's
+# scheduler is made from: prediction_type above all.
+_SD_BETAS: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
+SD15_SCHEDULER: tuple[str, dict[str, Any]] = (
+    "PNDMScheduler",
+    {**_SD_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False},
+)
+SD21_SCHEDULER: tuple[str, dict[str, Any]] = (
+    "DDIMScheduler",
+    {
+        **_SD_BETAS,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "prediction_type": "v_prediction",
+    },
+)
+
+
+def _tokenizer(pad_token: str | None = None) -> tuple[Any, int]:
+    """The byte-level tokenizer and its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file, vocab_size = _write_tokenizer_files(Path(tmp))
+        options = {} if pad_token is None else {"pad_token": pad_token}
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, **options)
+    return tokenizer, vocab_size
+
+
+def _text_config(config: dict[str, Any], vocab_size: int) -> Any:
+    """A CLIP text config over the byte-level vocabulary, its last two ids the specials."""
+    from transformers import CLIPTextConfig
+
+    special = {
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    return CLIPTextConfig(**{"vocab_size": vocab_size, **config, **special})
+
+
 def assemble(
     unet: dict[str, Any], vae: dict[str, Any], clip: dict[str, Any], clip_2: dict[str, Any]
 ) -> Any:
@@ -98,50 +175,67 @@ def assemble(
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(BUILD_SEED)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file, vocab_size = _write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-    special = {
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
-
-    def text_config(config: dict[str, Any]) -> Any:
-        return CLIPTextConfig(**{"vocab_size": vocab_size, **config, **special})
-
+    tokenizer, vocab_size = _tokenizer()
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(text_config(clip)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(clip_2)),
+        text_encoder=CLIPTextModel(_text_config(clip, vocab_size)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(clip_2, vocab_size)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=UNet2DConditionModel(**unet),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading"),
     )
 
 
-def build_tiny(out_dir: Path) -> Path:
-    """Build and save the tiny pipeline under ``out_dir``; returns it."""
+def assemble_sd(
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    clip: dict[str, Any],
+    scheduler: tuple[str, dict[str, Any]],
+    pad_token: str | None = None,
+) -> Any:
+    """A Stable Diffusion 1.x/2.x pipeline with random weights (seeded) from these configs,
+    without a safety checker."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(BUILD_SEED)
+    tokenizer, vocab_size = _tokenizer(pad_token)
+    scheduler_class, scheduler_config = scheduler
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(_text_config(clip, vocab_size)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet),
+        scheduler=getattr(diffusers, scheduler_class)(**scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_pipeline(family: Family = "sdxl") -> Any:
+    """The tiny pipeline of ``family``, in memory."""
+    if family == "sdxl":
+        return assemble(TINY_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP)
+    if family == "sd15":
+        return assemble_sd(TINY_SD15_UNET, TINY_VAE, TINY_SD15_CLIP, SD15_SCHEDULER)
+    # OpenCLIP's tokenizer pads with "!", as SD 2.x's does.
+    return assemble_sd(TINY_SD21_UNET, TINY_VAE, TINY_SD21_CLIP, SD21_SCHEDULER, pad_token="!")
+
+
+def build_tiny(out_dir: Path, family: Family = "sdxl") -> Path:
+    """Build and save the tiny pipeline of ``family`` under ``out_dir``; returns it."""
     from workers.pipeline import quiet_libraries
 
     quiet_libraries()
-    pipeline = assemble(TINY_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP)
+    pipeline = tiny_pipeline(family)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out_dir)
-    log.info("built the tiny SDXL pipeline in %s", out_dir)
+    log.info("built the tiny %s pipeline in %s", family, out_dir)
     return out_dir

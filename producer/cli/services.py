@@ -17,6 +17,9 @@ def worker(
     tier: Annotated[
         list[str], typer.Option("--tier", "-t", help="Tier to serve; repeat to serve several.")
     ],
+    model: Annotated[
+        str | None, typer.Option(help="Model to serve; default: the first tier's.")
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="Pool children (one per GPU).")] = 1,
     gpu: Annotated[
         str | None,
@@ -33,7 +36,9 @@ def worker(
     # Unchecked: the worker's hardware refusal comes before any about the other settings.
     settings = Settings.unchecked()
     setup_logging(settings)
-    run_worker(tier, concurrency=concurrency, loglevel=settings.log_level, gpu=gpu, name=name)
+    run_worker(
+        tier, model=model, concurrency=concurrency, loglevel=settings.log_level, gpu=gpu, name=name
+    )
 
 
 @app.command()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 from pydantic import SecretStr
 
@@ -23,7 +26,7 @@ from common.tiers import Tiers
 from tests.factories import queued_job
 from tests.hotpot_standin import KEY, Failure, StandIn
 from workers.execute import WorkerContext, execute
-from workers.pipeline import CudaOutOfMemory, Generation, SdxlRunner
+from workers.pipeline import CudaOutOfMemory, DiffusersRunner, Generation
 from workers.remote import CircuitBreaker, CircuitOpen, HotpotClient, RemoteRunners
 
 
@@ -87,6 +90,12 @@ def queued(
     return queued_job(
         store, keys, seed=7, age=age, allow_remote=allow_remote, width=96, height=64, **fields
     )
+
+
+def recorded(store: JobStore, job: Job, **fields: object) -> Job:
+    """``job`` with fields of its record set as the API sets them (its model, its input)."""
+    store.redis.hset(f"sdq:job:{job.id}", mapping={k: json.dumps(v) for k, v in fields.items()})
+    return job.model_copy(update=fields)
 
 
 OPEN: list[RemoteRunners] = []
@@ -170,7 +179,7 @@ def test_oom_after_the_local_retry_goes_remote(
 def test_remote_only_tier(settings, store, keys, storage, tiny_model: Path, fresh: StandIn) -> None:
     tiers = tiers_for(fresh.url, remote_only="true")
     job = queued(store, keys)
-    local = SdxlRunner(str(tiny_model))
+    local = DiffusersRunner(str(tiny_model))
     assert execute(context(settings, store, storage, local, tiers), job.id) is JobStatus.SUCCEEDED
     assert store.get(job.id).remote_reason == "remote_only" and local.pipe is None
 
@@ -179,7 +188,7 @@ def test_spillover_after_a_long_wait(
     settings, store, keys, storage, tiny_model: Path, fresh: StandIn
 ) -> None:
     tiers = tiers_for(fresh.url, remote_fallback='["spillover"]', spillover_after_seconds=30)
-    local = SdxlRunner(str(tiny_model))
+    local = DiffusersRunner(str(tiny_model))
     ctx = context(settings, store, storage, local, tiers)
     fresh_job, stale_job = queued(store, keys), queued(store, keys, age=31)
     assert execute(ctx, fresh_job.id) is JobStatus.SUCCEEDED
@@ -241,7 +250,7 @@ def test_slow_remote_times_out(fresh: StandIn) -> None:
 
 
 def test_schedulers_per_tier_change_the_image(tiny_model: Path) -> None:
-    runner = SdxlRunner(str(tiny_model))
+    runner = DiffusersRunner(str(tiny_model))
     images = {
         name: runner.generate(Generation("a kite", None, 5.0, 3, None, None, [3], name))[
             0
@@ -295,7 +304,7 @@ def test_without_the_opt_in_no_prompt_leaves(
     spill-over tier runs locally, and the stand-in never sees a prompt."""
     keyed = remote_settings(settings).model_copy(update={"remote_fallback": False})
     assert not keyed.remote_enabled and remote_settings(settings).remote_enabled
-    local = SdxlRunner(str(tiny_model))
+    local = DiffusersRunner(str(tiny_model))
     remote_only = tiers_for(fresh.url, remote_only="true")
     ctx = WorkerContext(keyed, store, storage, local, None, remote_only)
     job = queued(store, keys, credits=10)
@@ -312,4 +321,80 @@ def test_without_the_opt_in_no_prompt_leaves(
     ctx = WorkerContext(keyed, store, storage, local, None, spill)
     assert execute(ctx, stale.id) is JobStatus.SUCCEEDED
     assert store.get(stale.id).backend == "local"
+    assert fresh.calls == []
+
+
+def always_out_of_memory(runner: DiffusersRunner, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the runner's UNet run out of CUDA memory at every call; returns the batch sizes
+    it was called with."""
+    runner.load()
+    batches: list[int] = []
+
+    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        batches.append(sample.shape[0])
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(runner.pipe.unet, "forward", forward)
+    return batches
+
+
+def test_out_of_memory_twice_goes_remote_with_oom(
+    settings, store, keys, storage, tiny_model: Path, fresh: StandIn, monkeypatch
+) -> None:
+    """The real runner: out of memory, then again in its tiled one-image retry, raises
+    CudaOutOfMemory, and the tier's `oom` policy hands the job to its remote API."""
+    local = DiffusersRunner(str(tiny_model))
+    batches = always_out_of_memory(local, monkeypatch)
+    tiers = tiers_for(fresh.url, remote_fallback='["oom"]')
+    job = queued(store, keys, num_images=2)
+    assert execute(context(settings, store, storage, local, tiers), job.id) is JobStatus.SUCCEEDED
+    assert batches == [4, 2]  # two images with guidance, then the first alone
+    assert not local.pipe.vae.use_tiling
+    done = store.get(job.id)
+    assert done.backend == "remote" and done.remote_reason == "oom" and len(fresh.calls) == 2
+
+
+def test_out_of_memory_twice_without_the_policy_fails_refunded(
+    settings, store, keys, storage, tiny_model: Path, fresh: StandIn, monkeypatch
+) -> None:
+    local = DiffusersRunner(str(tiny_model))
+    always_out_of_memory(local, monkeypatch)
+    tiers = tiers_for(fresh.url, remote_fallback='["load_failed"]')
+    job = queued(store, keys, credits=10)
+    assert execute(context(settings, store, storage, local, tiers), job.id) is JobStatus.FAILED
+    failed = store.get(job.id)
+    assert failed.error == CudaOutOfMemory.message and failed.refunded
+    assert keys.credits(job.key_id) == 10 and fresh.calls == []
+
+
+def test_the_remote_api_runs_the_default_model_text_to_image_only(
+    settings, store, keys, storage, fresh: StandIn
+) -> None:
+    """Another model's job, or an image-to-image one, never goes remote: where its local
+    run fails it fails (refunded), and a remote-only tier refuses it saying why."""
+    tiers = tiers_for(fresh.url, remote_fallback='["load_failed"]', models='["sdxl", "sd15"]')
+    other_model = recorded(store, queued(store, keys), model_id="sd15", lane="normal.sd15")
+    ctx = context(settings, store, storage, Unloadable(), tiers)
+    ctx.model = "sd15"
+    assert execute(ctx, other_model.id) is JobStatus.FAILED
+    assert store.get(other_model.id).error == Unloadable.load_error
+    img2img = recorded(store, queued(store, keys), init_image_key="inputs/x.png")
+    ctx = context(settings, store, storage, Unloadable(), tiers)
+    assert execute(ctx, img2img.id) is JobStatus.FAILED
+    assert store.get(img2img.id).refunded
+    remote_only = tiers_for(fresh.url, remote_only="true", models='["sdxl", "sd15"]')
+    ctx = context(settings, store, storage, None, remote_only)
+    ctx.model = "sd15"
+    job = recorded(store, queued(store, keys), model_id="sd15", lane="normal.sd15")
+    assert execute(ctx, job.id) is JobStatus.FAILED
+    assert store.get(job.id).error == (
+        "tier normal runs only on its remote API, which serves model sdxl only, not sd15"
+    )
+    job = recorded(store, queued(store, keys), init_image_key="inputs/x.png")
+    assert execute(context(settings, store, storage, None, remote_only), job.id) is (
+        JobStatus.FAILED
+    )
+    assert store.get(job.id).error == (
+        "tier normal runs only on its remote API, which does not run image-to-image"
+    )
     assert fresh.calls == []

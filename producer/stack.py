@@ -1,8 +1,9 @@
-"""``sdq up`` / ``sdq down``: the whole local stack as child processes.
+"""The local stack's services: what ``sdq up`` starts, in which order, and how it stops them.
 
 Each service runs in its own session (process group), so stopping a service stops its
 children too (a Celery worker's pool, say). The pids are kept in ``<home>/stack.json`` so
-``sdq down`` can stop a detached stack from another shell.
+``sdq down`` can stop a stack from another shell; ``producer.supervisor`` restarts a service
+that dies.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from producer.servers import WeedPorts, valkey_argv, weed_argv
 
 log = logging.getLogger(__name__)
 
+#: The variables that size a worker's CPU thread pools (torch's, OpenMP's, MKL's).
+THREAD_VARIABLES = ("SDQ_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 class StackError(RuntimeError):
     pass
@@ -41,8 +45,10 @@ class Service:
     name: str
     argv: list[str]
     ready: Callable[[], bool]
+    url: str = ""
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0  # wall clock of its last start
 
 
 def _port(url: str, default: int) -> int:
@@ -105,65 +111,107 @@ def _bucket_ready(settings: Settings) -> Callable[[], bool]:
     return check
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity, which honours cpusets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _cpu_only() -> bool:
+    try:
+        from workers.device import detect  # NVML only: no torch, no CUDA runtime
+    except ImportError:
+        return True
+    return detect().count == 0
+
+
+def thread_share(settings: Settings, workers: int, cpu: bool | None = None) -> int | None:
+    """The torch threads each CPU worker of the stack gets: its share of the cores, at least
+    one. None where the operator set SDQ_TORCH_THREADS, or the workers run on a GPU.
+
+    torch starts one thread per core in every worker: two busy workers on one host then
+    thrash each other's caches, each image many times slower (issue 15)."""
+    if settings.torch_threads is not None or workers == 0:
+        return None
+    if not (_cpu_only() if cpu is None else cpu):
+        return None
+    return max(1, cores() // workers)
+
+
+def thread_env(share: int | None) -> dict[str, str]:
+    """The environment that gives a worker ``share`` threads; OMP_NUM_THREADS or
+    MKL_NUM_THREADS the operator set are kept."""
+    if share is None:
+        return {}
+    return {
+        name: str(share)
+        for name in THREAD_VARIABLES
+        if name == "SDQ_TORCH_THREADS" or name not in os.environ
+    }
+
+
 class Stack:
     """The services of the embedded default, started in dependency order."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.home = settings.home.resolve()
+        self.home = settings.home
         self.logs = self.home / "logs"
         self.state_file = self.home / "stack.json"
         self.control: Celery | None = None  # pings the workers while they start
-        # A Redis or S3 that already answers is used as it is; one on loopback that does not
-        # answer is started here, embedded. A remote one is never started.
-        self.embedded_redis = (
-            _loopback(settings.redis_url) and not _redis_ready(settings.redis_url)()
-        )
-        endpoint = settings.s3_endpoint_url or ""
-        self.embedded_s3 = (
-            settings.storage_backend == "s3" and _loopback(endpoint) and not _answers(endpoint)
-        )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    @property
+    def flower_url(self) -> str:
+        return f"http://{self.settings.flower_host}:{self.settings.flower_port}"
 
     def services(self) -> list[list[Service]]:
         """Groups of services; each group starts once the previous one is ready."""
         s = self.settings
         sdq = [sys.executable, "-m", "producer.cli"]
+        # Every child resolves the same home, whatever folder it runs from.
+        home = {"SDQ_HOME": str(self.home)}
         servers: list[Service] = []
-        if self.embedded_redis:
+        # A Redis or S3 that already answers is used as it is; one on loopback that does not
+        # answer is started here, embedded. A remote one is never started.
+        if _loopback(s.redis_url) and not _redis_ready(s.redis_url)():
             port = _port(s.redis_url, 6390)
             argv = valkey_argv(port, self._dir("valkey"))
-            servers.append(Service("valkey", argv, _redis_ready(s.redis_url)))
-        if self.embedded_s3:
+            servers.append(Service("valkey", argv, _redis_ready(s.redis_url), s.redis_url))
+        endpoint = s.s3_endpoint_url or ""
+        if s.storage_backend == "s3" and _loopback(endpoint) and not _answers(endpoint):
             argv = weed_argv(
-                WeedPorts.around(_port(s.s3_endpoint_url or "", 8333)),
+                WeedPorts.around(_port(endpoint, 8333)),
                 self._dir("seaweedfs"),
                 s.s3_access_key,
                 s.s3_secret_key.get_secret_value(),
             )
-            servers.append(Service("seaweedfs", argv, _bucket_ready(s)))
+            servers.append(Service("seaweedfs", argv, _bucket_ready(s), endpoint))
         from common.queue import make_celery
         from common.tiers import load_tiers
 
         tiers = load_tiers(s.tiers_file)
         # One app (one broker connection) for every readiness probe of every worker.
         control = self.control = make_celery(s, tiers)
-        api_url = f"http://{s.api_host}:{s.api_port}"
-        apps = [Service("api", [*sdq, "api"], _http_ready(f"{api_url}/readyz"))]
+        ready = _http_ready(f"{self.api_url}/readyz")
+        apps = [Service("api", [*sdq, "api"], ready, self.api_url, dict(home))]
+        threads = thread_env(thread_share(s, len(tiers.names)))
         apps += [
             Service(
                 f"worker-{tier}",
                 [*sdq, "worker", "--tier", tier],
                 _worker_ready(control, tier),
+                f"{tier}@{socket.gethostname()}",
+                {**home, **threads},
             )
             for tier in tiers.names
         ]
-        apps.append(
-            Service(
-                "flower",
-                [*sdq, "flower"],
-                _http_ready(f"http://{s.flower_host}:{s.flower_port}/healthcheck"),
-            )
-        )
+        flower = _http_ready(f"{self.flower_url}/healthcheck")
+        apps.append(Service("flower", [*sdq, "flower"], flower, self.flower_url, dict(home)))
         return [servers, apps]
 
     def _dir(self, name: str) -> Path:
@@ -171,34 +219,44 @@ class Stack:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def running(self) -> dict[str, int]:
-        """Pids of a stack started earlier that are still alive."""
-        if not self.state_file.exists():
+    def recorded(self) -> dict[str, int]:
+        """The pids ``stack.json`` holds, alive or not (none from before the last boot: those
+        pids now name other processes)."""
+        if not self.state_file.exists() or stale(self.state_file):
             return {}
         pids: dict[str, int] = json.loads(self.state_file.read_text())
-        return {name: pid for name, pid in pids.items() if _alive(pid)}
+        return pids
+
+    def running(self) -> dict[str, int]:
+        """Pids of a stack started earlier that are still alive."""
+        return {name: pid for name, pid in self.recorded().items() if alive(pid)}
 
     def start(self, on_ready: Callable[[str], None], timeout: float = 180.0) -> list[Service]:
-        if self.running():
-            raise StackError(f"a stack is already running (see {self.state_file}); run `sdq down`")
+        """Start every service, each group once the one before is ready. On any failure,
+        or an interrupt, what was started is stopped again."""
         self.logs.mkdir(parents=True, exist_ok=True)
         started: list[Service] = []
         try:
             for group in self.services():
                 for service in group:
-                    self._spawn(service)
+                    self.spawn(service)
                     started.append(service)
-                    self._save(started)
+                    self.save(started)
                 self._wait_ready(group, timeout, on_ready)
         except BaseException:
             self.stop(started)
+            self.close()
             raise
-        finally:
-            if self.control is not None:
-                self.control.close()
         return started
 
-    def _spawn(self, service: Service) -> None:
+    def close(self) -> None:
+        """Close the readiness probes' broker connection."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def spawn(self, service: Service) -> None:
+        """Start ``service`` in a session of its own, its output appended to its log."""
         log_file = open(self.logs / f"{service.name}.log", "ab")  # noqa: SIM115 - the child owns it
         env = {**os.environ, **service.env}
         service.process = subprocess.Popen(
@@ -209,6 +267,7 @@ class Stack:
             env=env,
             start_new_session=True,
         )
+        service.started_at = time.time()
         log_file.close()
 
     def _wait_ready(
@@ -220,10 +279,7 @@ class Stack:
             for service in list(pending):
                 assert service.process is not None
                 if service.process.poll() is not None:
-                    raise StackError(
-                        f"{service.name} exited with status {service.process.returncode}; "
-                        f"its log ends with:\n{self.tail(service.name)}"
-                    )
+                    raise StackError(self._exited(service.name, service.process.returncode))
                 if service.ready():
                     pending.remove(service)
                     on_ready(service.name)
@@ -233,15 +289,25 @@ class Stack:
             if pending:
                 time.sleep(0.5)
 
+    def _exited(self, name: str, status: int) -> str:
+        if status == 2:
+            # Status 2 is a refusal (a worker on the wrong device, Flower without auth): its
+            # last line says why, and no traceback comes with it.
+            lines = [line for line in self.tail(name).splitlines() if line.strip()]
+            reason = lines[-1] if lines else "no reason logged"
+            return f"{name} refused to start (status 2): {reason} (log {self.logs / name}.log)"
+        return f"{name} exited with status {status}; its log ends with:\n{self.tail(name)}"
+
     def tail(self, name: str, lines: int = 15) -> str:
         path = self.logs / f"{name}.log"
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def _save(self, services: list[Service]) -> None:
+    def save(self, services: list[Service]) -> None:
+        """Record the services' pids in ``stack.json``."""
         pids = {s.name: s.process.pid for s in services if s.process is not None}
-        self.state_file.write_text(json.dumps(pids))
+        write_json(self.state_file, pids)
 
     def stop(self, services: list[Service] | None = None, grace: float = 20.0) -> list[str]:
         """Stop the given services (or those in the state file), newest first."""
@@ -250,19 +316,19 @@ class Stack:
         else:
             pids = self.running()
         for name, pid in reversed(list(pids.items())):
-            _signal_group(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
             log.debug("sent SIGTERM to %s (%d)", name, pid)
         # SeaweedFS's filer waits 15s for its gRPC streams to drain before it exits.
         deadline = time.monotonic() + grace
         for pid in pids.values():
-            while _group_alive(pid) and time.monotonic() < deadline:
+            while group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _group_alive(pid):
+            if group_alive(pid):
                 log.warning("process group %d ignored SIGTERM; killing it", pid)
-                _signal_group(pid, signal.SIGKILL)
+                signal_group(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
         for pid in pids.values():
-            while _group_alive(pid) and time.monotonic() < deadline:
+            while group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         for service in services or []:
             if service.process is not None:
@@ -271,7 +337,26 @@ class Stack:
         return list(pids)
 
 
-def _alive(pid: int) -> bool:
+def write_json(path: Path, value: object) -> None:
+    """Write ``value`` to ``path`` atomically: a reader never sees half a file."""
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
+
+
+def stale(path: Path) -> bool:
+    """Whether ``path`` was written before this machine last booted."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return path.stat().st_mtime < int(line.split()[1])
+    except OSError:
+        pass
+    return False
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -283,11 +368,17 @@ def _alive(pid: int) -> bool:
         waited, _ = os.waitpid(pid, os.WNOHANG)
         return waited == 0
     except ChildProcessError:
+        pass
+    # Nor is someone else's zombie (an exited supervisor that init has yet to reap).
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _group_alive(pgid: int) -> bool:
-    _alive(pgid)  # reaps the leader if it is our own exited child
+def group_alive(pgid: int) -> bool:
+    alive(pgid)  # reaps the leader if it is our own exited child
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -297,6 +388,6 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)

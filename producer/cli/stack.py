@@ -1,87 +1,236 @@
-"""The local stack: `sdq up` and `sdq down`."""
+"""The local stack: `sdq up`, `sdq ps` and `sdq down`."""
 
 from __future__ import annotations
 
-import signal
+import json
+import logging
+import os
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
-from common.settings import get_settings
 from producer.cli.base import app, err, fail, setup_logging
+
+if TYPE_CHECKING:
+    from common.settings import Settings
+    from producer.stack import Stack
 
 
 @app.command()
 def up(
     detach: Annotated[
-        bool, typer.Option("--detach", "-d", help="Return once every service is healthy.")
+        bool,
+        typer.Option(
+            "--detach",
+            "-d",
+            help="Return once every service is healthy; a supervisor of its own keeps them up.",
+        ),
     ] = False,
     credits: Annotated[int, typer.Option(help="Credits of the API key it prints.")] = 1000,
+    report_fd: Annotated[
+        int | None, typer.Option(hidden=True, help="Internal: the detached supervisor's pipe.")
+    ] = None,
 ) -> None:
-    """Start the whole local stack: Valkey, SeaweedFS S3, the API, a worker per tier, Flower."""
-    from common.keys import KeyStore
-    from common.redis import connect
+    """Start the whole local stack (Valkey, SeaweedFS S3, the API, a worker per tier, Flower)
+    and keep it up: a process that dies is restarted, with a backoff."""
+    from producer.preflight import check, load_settings, notes
     from producer.stack import Stack, StackError
+    from producer.supervisor import Supervisor, refuse_if_running, serve_detached
 
-    setup_logging()
-    settings = get_settings()
-    if settings.model is None and not (settings.tiny_model_dir / "model_index.json").exists():
-        err.print(f"building the tiny SDXL model in {settings.tiny_model_dir} ...")
-        build = [sys.executable, "-m", "producer.cli", "models", "build-tiny"]
-        subprocess.run([*build, str(settings.tiny_model_dir)], check=True)
-    stack = Stack(settings)
-    started_at = time.monotonic()
     try:
-        services = stack.start(on_ready=lambda name: err.print(f"[green]ready[/green] {name}"))
+        settings = load_settings()
     except StackError as exc:
         raise fail(str(exc)) from None
-    key, _ = KeyStore(connect(settings.redis_url)).create(credits, name="sdq up")
-    api = f"http://{settings.api_host}:{settings.api_port}"
+    setup_logging(settings)
+    stack = Stack(settings)
+    if report_fd is not None:  # the detached supervisor, started below by `sdq up --detach`
+        raise typer.Exit(serve_detached(Supervisor(stack), report_fd))
+    try:
+        refuse_if_running(stack)
+        check(settings)
+    except StackError as exc:
+        raise fail(str(exc)) from None
+    for note in notes(settings):
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True, highlight=False)
+    _build_tiny_model(settings)
+    started_at = time.monotonic()
+    if detach:
+        pid = _start_detached(stack)
+        _announce(stack, settings, credits, time.monotonic() - started_at)
+        err.print(
+            f"detached: supervisor pid {pid} restarts what dies (log {stack.logs / 'stack.log'}); "
+            "`sdq ps` shows it, `sdq down` stops it",
+            soft_wrap=True,
+        )
+        return
+    supervisor = Supervisor(stack)
+    _log_to_file(stack)
+    supervisor.claim()
+    try:
+        supervisor.start(on_ready=_ready)
+    except StackError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print("stopped")
+        raise typer.Exit(130) from None
+    failed: typer.Exit | None = None
+    try:
+        _announce(stack, settings, credits, time.monotonic() - started_at)
+        err.print("press Ctrl-C to stop; a process that dies is restarted")
+    except KeyboardInterrupt:
+        supervisor.stopping = True  # run() stops what started
+    except typer.Exit as exc:
+        supervisor.stopping, failed = True, exc
+    supervisor.run()
+    err.print("stopped")
+    if failed is not None:
+        raise failed
+
+
+def _ready(name: str) -> None:
+    err.print(f"[green]ready[/green] {name}")
+
+
+def _build_tiny_model(settings: Settings) -> None:
+    if settings.model is not None or (settings.tiny_model_dir / "model_index.json").exists():
+        return
+    err.print(f"building the tiny SDXL model in {settings.tiny_model_dir} ...")
+    build = [sys.executable, "-m", "producer.cli", "models", "build-tiny"]
+    # Its stdout is a line for scripts (the model's path as JSON); not for this terminal.
+    done = subprocess.run([*build, str(settings.tiny_model_dir)], stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise fail(f"building the tiny model failed (status {done.returncode})")
+
+
+def _log_to_file(stack: Stack) -> None:
+    """The supervisor's lines (restarts) go to the stack's log as well as the terminal."""
+    stack.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(stack.logs / "stack.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("producer.supervisor", "producer.stack"):
+        logging.getLogger(name).addHandler(handler)
+
+
+def _start_detached(stack: Stack) -> int:
+    """Start the supervisor in a session of its own and relay its progress; its pid."""
+    from producer.supervisor import launch_detached
+
+    argv = [sys.executable, "-m", "producer.cli", "up"]
+    env = {**os.environ, "SDQ_HOME": str(stack.home)}
+    try:
+        last = launch_detached(argv, env, stack.logs / "stack.log", _ready)
+    except KeyboardInterrupt:
+        err.print("stopped")
+        raise typer.Exit(130) from None
+    if "up" in last:
+        return int(last["up"])
+    if "error" in last:
+        raise fail(last["error"])
+    tail = "\n".join(stack.tail("stack").splitlines()[-10:])
+    raise fail(
+        f"the supervisor exited with status {last.get('exited')}; stack.log ends with:\n{tail}"
+    )
+
+
+def _announce(stack: Stack, settings: Settings, credits: int, seconds: float) -> None:
+    from common.keys import KeyStore
+    from common.redis import connect
+    from common.tiers import load_tiers
+    from producer.stack import cores, thread_share
+
+    try:
+        key, _ = KeyStore(connect(settings.redis_url)).create(credits, name="sdq up")
+    except Exception as exc:
+        raise fail(f"the stack is up, but creating its API key failed: {exc}") from None
+    api = stack.api_url
+    workers = len(load_tiers(settings.tiers_file).names)
+    share = thread_share(settings, workers)
+    if share is not None:
+        threads = f"{share} per CPU worker ({cores()} cores, {workers} workers)"
+    elif settings.torch_threads is not None:
+        threads = f"{settings.torch_threads} per worker (SDQ_TORCH_THREADS)"
+    else:
+        threads = "torch's default (GPU workers)"
     err.print(
-        f"\n[bold]sdq is up[/bold] in {time.monotonic() - started_at:.1f}s\n"
+        f"\n[bold]sdq is up[/bold] in {seconds:.1f}s\n"
         f"  API      {api}  (docs {api}/docs)\n"
-        f"  Flower   http://{settings.flower_host}:{settings.flower_port}\n"
+        f"  Flower   {stack.flower_url}\n"
         f"  S3       {settings.s3_endpoint_url}  bucket {settings.s3_bucket}\n"
         f"  Redis    {settings.redis_url}\n"
-        f"  logs     {stack.logs}\n"
+        f"  threads  {threads}\n"
+        f"  home     {stack.home}  (logs in {stack.logs})\n"
         f"  API key  {key}  ({credits} credits)\n\n"
+        f"  export SDQ_API_URL={api} SDQ_API_KEY={key}\n\n"
         f"  curl -H 'Authorization: {key}' -F 'inputText=An astronaut riding a horse on Mars' \\\n"
         f"       -F 'guidanceScale=10' -o astronaut_on_mars.jpg {api}/stable-diffusion-normal\n",
         soft_wrap=True,
+        highlight=False,
     )
-    if detach:
-        err.print("detached; stop it with `sdq down`")
+
+
+@app.command()
+def ps(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Each process of the local stack: its pid, state, restarts, uptime and address."""
+    from producer.preflight import load_settings
+    from producer.stack import Stack, StackError
+    from producer.supervisor import status
+
+    try:
+        stack = Stack(load_settings())
+    except StackError as exc:
+        raise fail(str(exc)) from None
+    found = status(stack)
+    if as_json:
+        typer.echo(json.dumps(found.as_json()))
         return
+    if found.supervisor_state is None and not found.processes:
+        err.print(f"no stack is running (home {found.home})")
+        return
+    up = f", up {_duration(found.uptime_seconds)}" if found.uptime_seconds is not None else ""
+    typer.echo(f"supervisor {found.supervisor_pid} {found.supervisor_state}{up}  home {found.home}")
+    rows = [("NAME", "PID", "STATE", "RESTARTS", "UPTIME", "ADDRESS")]
+    rows += [
+        (p.name, str(p.pid or "-"), p.state, str(p.restarts), _duration(p.uptime_seconds), p.url)
+        for p in found.processes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        typer.echo(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
 
-    stopping = False
 
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    err.print("press Ctrl-C to stop")
-    exited = None
-    while not stopping and exited is None:
-        time.sleep(0.5)
-        exited = next((s for s in services if s.process and s.process.poll() is not None), None)
-    if exited is not None:
-        err.print(f"[red]{exited.name} exited[/red]; its log ends with:\n{stack.tail(exited.name)}")
-    err.print("stopping ...")
-    stack.stop(services)
-    err.print("stopped")
-    if exited is not None:
-        raise typer.Exit(1)
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 @app.command()
 def down() -> None:
-    """Stop a stack started with `sdq up --detach`."""
-    from producer.stack import Stack
+    """Stop the local stack (its supervisor and every process), from any folder of the
+    checkout."""
+    from producer.preflight import load_settings
+    from producer.stack import Stack, StackError
+    from producer.supervisor import stop_stack
 
-    stopped = Stack(get_settings()).stop()
-    err.print(f"stopped: {', '.join(stopped)}" if stopped else "no stack is running")
+    try:
+        stack = Stack(load_settings())
+    except StackError as exc:
+        raise fail(str(exc)) from None
+    stopped = stop_stack(stack)
+    err.print(
+        f"stopped: {', '.join(stopped)}" if stopped else f"no stack is running (home {stack.home})",
+        soft_wrap=True,
+    )

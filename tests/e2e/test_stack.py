@@ -14,7 +14,9 @@ import httpx
 
 from common.settings import Settings
 from common.storage import S3Storage
+from common.tiers import load_tiers
 from producer.servers import free_port
+from producer.stack import alive
 
 SDQ = [sys.executable, "-m", "producer.cli"]
 
@@ -36,11 +38,7 @@ def check_flower(port: int, job_id: str) -> None:
         name.split("@")[0]: [q["name"] for q in info.get("active_queues", [])]
         for name, info in workers.items()
     }
-    assert queues == {
-        "budget": ["sdq.budget"],
-        "normal": ["sdq.normal"],
-        "premium": ["sdq.premium"],
-    }
+    assert queues == {tier.name: [tier.queue] for tier in load_tiers()}
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         tasks = httpx.get(f"{base}/api/tasks", timeout=10).json()
@@ -52,32 +50,45 @@ def check_flower(port: int, job_id: str) -> None:
     assert "astronaut" not in json.dumps(tasks).lower()
 
 
+def stack_env(home: Path | None, model: Path | None) -> dict[str, str]:
+    """The environment of a stack of its own: free loopback ports, no SDQ_ variable of the
+    caller's; SDQ_HOME and SDQ_MODEL only where given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
+    env.update(
+        SDQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        SDQ_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        SDQ_API_PORT=str(free_port()),
+        SDQ_FLOWER_PORT=str(free_port()),
+    )
+    if home is not None:
+        env["SDQ_HOME"] = str(home)
+    if model is not None:
+        env["SDQ_MODEL"] = str(model)
+    return env
+
+
 def test_up_serves_the_seed_request_and_down_leaves_nothing(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
-    api_port, s3_port, flower_port = free_port(), free_port(), free_port()
-    env = {
-        **base,
-        "SDQ_HOME": str(tmp_path / "home"),
-        "SDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-        "SDQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-        "SDQ_API_PORT": str(api_port),
-        "SDQ_FLOWER_PORT": str(flower_port),
-        "SDQ_MODEL": str(tiny_model),
-    }
+    env = stack_env(tmp_path / "home", tiny_model)
+    api_port, flower_port = int(env["SDQ_API_PORT"]), int(env["SDQ_FLOWER_PORT"])
+    s3_port = int(env["SDQ_S3_ENDPOINT_URL"].rsplit(":", 1)[1])
     up = subprocess.run(
         [*SDQ, "up", "--detach"], env=env, capture_output=True, text=True, timeout=240
     )
     pids: dict[str, int] = {}
+    supervisor: int | None = None
     try:
         assert up.returncode == 0, up.stderr
         state = tmp_path / "home" / "stack.json"
         pids = json.loads(state.read_text())
-        workers = {"worker-budget", "worker-normal", "worker-premium"}
+        workers = {f"worker-{name}" for name in load_tiers().names}
         assert set(pids) == {"valkey", "seaweedfs", "api", "flower", *workers}
         key = re.search(r"API key\s+(sdq_\S+)", up.stderr)
         assert key, up.stderr
+        export = f"export SDQ_API_URL=http://127.0.0.1:{api_port} SDQ_API_KEY={key.group(1)}"
+        assert export in [line.strip() for line in up.stderr.splitlines()], up.stderr
+        supervisor = json.loads((tmp_path / "home" / "supervisor.json").read_text())["pid"]
         response = httpx.post(
             f"http://127.0.0.1:{api_port}/stable-diffusion-normal",
             headers={"Authorization": key.group(1)},
@@ -99,3 +110,5 @@ def test_up_serves_the_seed_request_and_down_leaves_nothing(
     assert down.returncode == 0, down.stderr
     assert "stopped: valkey" in down.stderr
     assert [name for name, pid in pids.items() if group_alive(pid)] == []
+    assert supervisor is None or not alive(supervisor)
+    assert sorted(p.name for p in (tmp_path / "home").glob("*.json")) == []

@@ -12,10 +12,12 @@ with Client("http://127.0.0.1:8000", key) as sdq:
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -217,7 +219,14 @@ class Client:
         idempotency_key: str | None = None,
         **fields: Any,
     ) -> JobView:
-        """Queue a job from a ``JobRequest`` or its fields (``prompt=...``)."""
+        """Queue a job from a ``JobRequest`` or its fields (``prompt=...``, ``style="anime"``,
+        ``model="sd15"``; ``init_image`` may be the image's bytes or a path, for
+        image-to-image)."""
+        image = fields.get("init_image")
+        if isinstance(image, Path):
+            image = image.read_bytes()
+        if isinstance(image, bytes):
+            fields["init_image"] = base64.b64encode(image).decode()
         body = (request or JobRequest.model_validate(fields)).model_dump(
             mode="json", exclude_none=True
         )

@@ -55,10 +55,51 @@ class TierView(BaseModel):
     max_images: int
     price: int = Field(description="Credits per image.")
     scheduler: str
+    default_model: str = Field(description="The model a job gets when it names none.")
+    models: list[str] = Field(
+        description="Every model it serves; those other than the default to entitled keys."
+    )
 
 
 class TierList(BaseModel):
     tiers: list[TierView]
+
+
+class StyleView(BaseModel):
+    """A style: what it makes of a job's prompt, and the defaults it fills in."""
+
+    id: int = Field(description="Hotpot's numeric `styleId`.")
+    slug: str = Field(description="The same style by name: `style` takes either.")
+    name: str
+    prompt: str = Field(description="The prompt it runs: the job's prompt goes at `{prompt}`.")
+    negative_prompt: str = Field(description="Joined to the job's negative prompt.")
+    guidance_scale: float | None = Field(None, description="Its default, where a job sets none.")
+    steps: int | None = Field(None, description="Its default (within the tier's maximum).")
+    scheduler: str | None = None
+    model: str | None = Field(None, description="Its default model, where a job names none.")
+
+
+class StyleList(BaseModel):
+    styles: list[StyleView]
+
+
+class ModelView(BaseModel):
+    """A model, where it is served, and whether this key may ask for it."""
+
+    id: str = Field(description="What a job's `model` names.")
+    name: str
+    family: str = Field(description="The pipeline that runs it: sdxl, sd15 or sd21.")
+    native_side: int = Field(description="Its width and height when a job names none.")
+    tiers: list[str] = Field(description="The tiers that serve it.")
+    default_on: list[str] = Field(description="The tiers where every key gets it.")
+    entitled: bool = Field(
+        description="This key may ask for it on every tier that serves it; otherwise only "
+        "where it is the default (other models are available upon request)."
+    )
+
+
+class ModelList(BaseModel):
+    models: list[ModelView]
 
 
 class Event(BaseModel):

@@ -28,6 +28,7 @@ from celery import Celery
 
 from common.settings import Settings
 from common.storage import S3Storage
+from common.tiers import Tiers
 from producer.servers import WeedPorts, valkey_argv, weed_argv
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,23 @@ def _http_ready(url: str) -> Callable[[], bool]:
     return check
 
 
-def _worker_ready(app: Celery, tier: str) -> Callable[[], bool]:
-    node = f"{tier}@{socket.gethostname()}"
+def worker_plan(tiers: Tiers) -> list[tuple[str, list[str], str | None]]:
+    """The workers of the local stack, as (service name, tiers, model or None for the
+    tiers' default): one per tier for its default model, and one per other model serving
+    every tier that offers it, so that each lane has a worker on a small machine."""
+    plan: list[tuple[str, list[str], str | None]] = [
+        (f"worker-{tier.name}", [tier.name], None) for tier in tiers
+    ]
+    others: dict[str, list[str]] = {}
+    for tier, model, _lane, _queue in tiers.lanes():
+        if model != tier.default_model:
+            others.setdefault(model, []).append(tier.name)
+    plan += [(f"worker-{model}", names, model) for model, names in others.items()]
+    return plan
+
+
+def _worker_ready(app: Celery, node_name: str) -> Callable[[], bool]:
+    node = f"{node_name}@{socket.gethostname()}"
 
     def check() -> bool:
         try:
@@ -199,17 +215,20 @@ class Stack:
         control = self.control = make_celery(s, tiers)
         ready = _http_ready(f"{self.api_url}/readyz")
         apps = [Service("api", [*sdq, "api"], ready, self.api_url, dict(home))]
-        threads = thread_env(thread_share(s, len(tiers.names)))
-        apps += [
-            Service(
-                f"worker-{tier}",
-                [*sdq, "worker", "--tier", tier],
-                _worker_ready(control, tier),
-                f"{tier}@{socket.gethostname()}",
-                {**home, **threads},
+        workers = worker_plan(tiers)
+        threads = thread_env(thread_share(s, len(workers)))
+        for name, tier_names, model in workers:
+            argv = [*sdq, "worker", *(f"--tier={tier}" for tier in tier_names)]
+            node = "+".join(tier_names) + (f".{model}" if model else "")
+            apps.append(
+                Service(
+                    name,
+                    argv + ([f"--model={model}"] if model else []),
+                    _worker_ready(control, node),
+                    f"{node}@{socket.gethostname()}",
+                    {**home, **threads},
+                )
             )
-            for tier in tiers.names
-        ]
         flower = _http_ready(f"{self.flower_url}/healthcheck")
         apps.append(Service("flower", [*sdq, "flower"], flower, self.flower_url, dict(home)))
         return [servers, apps]

@@ -6,6 +6,10 @@ that takes a key (``deps.authenticate`` in its dependencies) from the headers al
 ``Content-Length`` over the route's limit unread, and reads the body itself, counting while
 it arrives and within a deadline, before handing it on. A refusal whose body is left unread
 closes the connection, so the server does not drain it either.
+
+The routes that take an input image (``/v1/jobs``, ``/make-art``, the Hotpot forms) accept a
+larger body, ``SDQ_MAX_IMAGE_BODY_BYTES``, only when its first bytes, within the route's own
+limit, name the image field: a body without one is cut at that smaller limit, as before.
 """
 
 from __future__ import annotations
@@ -42,15 +46,32 @@ class Policy:
 
     needs_key: bool
     max_body: int
+    #: The larger limit of a body that names an input image (0: the route takes none).
+    max_image_body: int = 0
+
+    @property
+    def most(self) -> int:
+        return max(self.max_body, self.max_image_body)
+
+
+#: How a body names an input image: a JSON key, a form part's name, a url-encoded field.
+IMAGE_MARKERS = (b'"init_image"', b'name="seedImage"', b"seedImage=")
 
 
 def body_limit(path: str, settings: Settings) -> int:
-    """The largest body a route's path accepts."""
+    """The largest body a route's path accepts without an input image."""
     if path == "/v1/batches":
         return settings.max_batch_body_bytes
-    if path.startswith("/stable-diffusion-"):
+    if path.startswith("/stable-diffusion-") or path == "/make-art":
         return settings.max_form_body_bytes
     return settings.max_body_bytes
+
+
+def image_body_limit(path: str, settings: Settings) -> int:
+    """The largest body a route's path accepts with an input image; 0 where it takes none."""
+    if path in ("/v1/jobs", "/make-art") or path.startswith("/stable-diffusion-"):
+        return settings.max_image_body_bytes
+    return 0
 
 
 def _uses(dependant: Dependant, call: Any) -> bool:
@@ -94,7 +115,12 @@ class RequestLimits:
             dependant = getattr(route, "dependant", None)
             needs_key = isinstance(dependant, Dependant) and _uses(dependant, authenticate)
             path = getattr(route, "path", "")
-            policy = self._policies[id(route)] = Policy(needs_key, body_limit(path, self.settings))
+            methods = getattr(route, "methods", None) or set()
+            policy = self._policies[id(route)] = Policy(
+                needs_key,
+                body_limit(path, self.settings),
+                image_body_limit(path, self.settings) if "POST" in methods else 0,
+            )
         return policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,11 +141,11 @@ class RequestLimits:
         if not has_body:
             await self.app(scope, receive, send)
             return
-        if length is not None and length > policy.max_body:
-            await _refuse(_too_large(policy.max_body), scope, receive, send, close=True)
+        if length is not None and length > policy.most:
+            await _refuse(_too_large(policy.most), scope, receive, send, close=True)
             return
         try:
-            body = await _read_body(receive, policy.max_body, self.settings.body_timeout_seconds)
+            body = await _read_body(receive, policy, self.settings.body_timeout_seconds)
         except SdqError as exc:
             await _refuse(exc, scope, receive, send, close=True)
             return
@@ -132,9 +158,15 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body too large: at most {limit} bytes here")
 
 
-async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
+def _names_image(chunks: list[bytes], within: int) -> bool:
+    head = b"".join(chunks)[:within]
+    return any(marker in head for marker in IMAGE_MARKERS)
+
+
+async def _read_body(receive: Receive, policy: Policy, timeout: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
+    limit = policy.max_body
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -143,9 +175,13 @@ async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
                     raise _ClientGone
                 chunk: bytes = message.get("body", b"")
                 size += len(chunk)
+                chunks.append(chunk)
+                # Past the plain limit: read on only for a body that names an image.
+                crossed = size > limit and limit < policy.max_image_body
+                if crossed and _names_image(chunks, policy.max_body):
+                    limit = policy.max_image_body
                 if size > limit:
                     raise _too_large(limit)
-                chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
     except TimeoutError:

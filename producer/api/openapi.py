@@ -26,7 +26,10 @@ TAGS: list[dict[str, Any]] = [
     },
     {"name": "Jobs", "description": "Submit a job, follow it, fetch its images."},
     {"name": "Batches", "description": "Many jobs in one request, charged all or none."},
-    {"name": "Account", "description": "The key's credits and limits, the tiers on offer."},
+    {
+        "name": "Account",
+        "description": "The key's credits and limits; the tiers, models and styles on offer.",
+    },
     {"name": "Health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 
@@ -102,6 +105,22 @@ BODY_LIMITS: Responses = {
         "request body too large: at most 65536 bytes here",
     ),
 }
+#: A route that takes an input image: a larger body, when it carries one.
+IMAGE_BODY_LIMIT = error(
+    413,
+    "The body is over the route's limit: `SDQ_MAX_IMAGE_BODY_BYTES` when it carries an input "
+    "image (`init_image`, `seedImage`, named within the first `SDQ_MAX_BODY_BYTES` or "
+    "`SDQ_MAX_FORM_BODY_BYTES`), else that smaller limit. Nothing is charged.",
+    "request body too large: at most 65536 bytes here",
+)
+#: A submit that names a model: the key may not be entitled to it.
+MODEL_FORBIDDEN = error(
+    403,
+    "The API key is unknown or revoked, or not entitled to the `model` asked for (other "
+    "than the tier's default, models are available upon request); nothing was charged.",
+    "model sd15 is available upon request: this key is not entitled to it (tier normal "
+    "serves sdxl to every key)",
+)
 #: A submit: over the key's credits, its jobs at once, or its request rate.
 SUBMIT_REFUSED = error(
     429,

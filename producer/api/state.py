@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from common.keys import AsyncKeyAuth, KeyStore
+from common.models import Models, load_models
 from common.queue import make_celery
 from common.redis import connect, connect_async
 from common.settings import Settings
@@ -22,6 +23,7 @@ from producer.jobs import JobService
 class AppState:
     settings: Settings
     tiers: Tiers
+    models: Models
     store: JobStore
     keys: KeyStore
     auth: AsyncKeyAuth
@@ -47,15 +49,17 @@ class AppState:
             aio=aclient,
         )
         celery = make_celery(settings, tiers)
+        storage = make_storage(settings)
         return cls(
             settings=settings,
             tiers=tiers,
+            models=load_models(settings.models_file),
             store=store,
             keys=KeyStore(client, settings.default_rate_per_second),
             auth=AsyncKeyAuth(aclient, settings.default_rate_per_second),
-            storage=make_storage(settings),
+            storage=storage,
             celery=celery,
-            jobs=JobService(settings, store, tiers, celery),
+            jobs=JobService(settings, store, tiers, celery, storage=storage),
             deliveries=Deliveries(client, settings),
             aioredis=aclient,
         )

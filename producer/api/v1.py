@@ -18,7 +18,18 @@ from producer.api import openapi
 from producer.api.deps import EventHub, Key, State
 from producer.api.state import AppState
 from producer.hub import RESYNC, Subscription
-from producer.schemas import Account, BatchView, JobPage, JobView, TierList, TierView
+from producer.schemas import (
+    Account,
+    BatchView,
+    JobPage,
+    JobView,
+    ModelList,
+    ModelView,
+    StyleList,
+    StyleView,
+    TierList,
+    TierView,
+)
 
 # Every /v1 route takes a key: each documents 401, 403 and 429 (``openapi.KEYED``).
 _KEYED = openapi.KEYED
@@ -28,9 +39,13 @@ _SUBMIT: openapi.Responses = {
     **openapi.BODY_LIMITS,
     400: openapi.error(
         400,
-        "The request is invalid, or over its tier's limits: the message names each bad field.",
+        "The request is invalid, or over its tier's limits: the message names each bad field "
+        "(an unknown `style` says how to list them; an `init_image` that is not a PNG, JPEG or "
+        "WebP, or is over `SDQ_MAX_INIT_IMAGE_BYTES` or `SDQ_MAX_INIT_IMAGE_SIDE`). Nothing is "
+        "charged.",
         "steps must be at most 30 on tier budget",
     ),
+    403: openapi.MODEL_FORBIDDEN,
     409: openapi.IDEMPOTENCY_CONFLICT,
     429: openapi.SUBMIT_REFUSED,
     503: openapi.QUEUE_DOWN,
@@ -78,7 +93,13 @@ def replay_headers(response: Response, replayed: bool) -> None:
 
 # The submits are async: the create script runs on the asyncio client, where a sync handler
 # would pay two thread-pool hops (the handler, then FastAPI's response validation).
-@router.post("/jobs", status_code=202, response_model=JobView, tags=["Jobs"], responses=_SUBMIT)
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobView,
+    tags=["Jobs"],
+    responses={**_SUBMIT, 413: openapi.IMAGE_BODY_LIMIT},
+)
 async def create_job(
     body: JobRequest,
     state: State,
@@ -86,7 +107,14 @@ async def create_job(
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> JobView:
-    """Queue a job. Follow it with `GET /v1/jobs/{id}`, its events, or its webhook."""
+    """Queue a job. Follow it with `GET /v1/jobs/{id}`, its events, or its webhook.
+
+    `style` (an id or slug of `GET /v1/styles`) wraps the prompt; the job shows the prompt it
+    runs. `model` picks one of the tier's models (`GET /v1/models`): other than the tier's
+    default, only for keys entitled to it (403 otherwise). `init_image` (base64 PNG, JPEG or
+    WebP) makes it image-to-image at `strength`: the output takes the input's size, rounded
+    down to multiples of 8, unless `width` and `height` say otherwise. The input is stored
+    under the job (`init_image_key`), re-encoded as PNG without its metadata."""
     submitted = await state.jobs.submit_async(key, [body], idempotency_key=idempotency_key)
     replay_headers(response, submitted.replayed)
     return view(state, submitted.jobs[0], submitted.credits)
@@ -288,6 +316,13 @@ def _terminal(event: dict[str, Any]) -> bool:
     tags=["Batches"],
     responses={
         **_SUBMIT,
+        400: openapi.error(
+            400,
+            "A job is invalid or over its tier's limits (the message names it, `jobs.3.steps`), "
+            "or carries an `init_image`: image-to-image jobs go to `POST /v1/jobs` one by one.",
+            "jobs.0.init_image: image-to-image is not accepted in batches; send each such job "
+            "to POST /v1/jobs",
+        ),
         413: openapi.error(
             413,
             "The body is over `SDQ_MAX_BATCH_BODY_BYTES`.",
@@ -368,3 +403,35 @@ def account(state: State, key: Key) -> Account:
 def tiers(state: State, key: Key) -> TierList:
     """The tiers this deployment serves, with their defaults, limits and price per image."""
     return TierList(tiers=[TierView.model_validate(tier.model_dump()) for tier in state.jobs.tiers])
+
+
+@router.get("/styles", response_model=StyleList, tags=["Account"], responses=_KEYED)
+def styles(state: State, key: Key) -> StyleList:
+    """The styles a job may ask for by `style` (its id or slug; Hotpot's `styleId`): the
+    prompt each wraps a job's prompt in, its negative prompt and the defaults it fills in."""
+    return StyleList(styles=[StyleView.model_validate(s.model_dump()) for s in state.jobs.styles])
+
+
+@router.get("/models", response_model=ModelList, tags=["Account"], responses=_KEYED)
+def models(state: State, key: Key) -> ModelList:
+    """The models served here: which tiers serve each, where each is every key's default,
+    and whether this key is entitled to it elsewhere (other models are available upon
+    request: `sdq keys create --models`)."""
+    views = []
+    for model in state.models:
+        serving = [tier for tier in state.tiers if model.id in tier.models]
+        default_on = [tier.name for tier in serving if tier.default_model == model.id]
+        if not serving:
+            continue  # declared, but no tier serves it here
+        views.append(
+            ModelView(
+                id=model.id,
+                name=model.name or model.id,
+                family=model.family,
+                native_side=model.native_side,
+                tiers=[tier.name for tier in serving],
+                default_on=default_on,
+                entitled=all(key.may_use(model.id, tier.default_model) for tier in serving),
+            )
+        )
+    return ModelList(models=views)

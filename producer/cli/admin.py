@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -13,6 +13,7 @@ from producer.cli.base import err, fail, keys_app, models_app, setup_logging
 
 if TYPE_CHECKING:
     from common.keys import KeyStore
+    from common.models import Family
 
 
 @keys_app.command("create")
@@ -38,16 +39,39 @@ def keys_create(
             help="Higher priorities are capped to this; default SDQ_DEFAULT_MAX_PRIORITY.",
         ),
     ] = None,
+    models: Annotated[
+        str,
+        typer.Option(
+            help="Models beyond each tier's default it may ask for, comma-separated "
+            "(e.g. sd15,sd21: available upon request).",
+        ),
+    ] = "",
 ) -> None:
     """Create an API key. Prints only the key on stdout, so scripts can capture it."""
+    from common.errors import InvalidRequest
+    from common.models import load_models
+
+    entitled = [part.strip() for part in models.split(",") if part.strip()]
+    try:
+        known = load_models(get_settings().models_file)
+        for model in entitled:
+            known.get(model)
+    except InvalidRequest as exc:
+        raise fail(f"--models: {exc.message}") from None
     keys = _keys()
     try:
         key, record = keys.create(
-            credits, name=name, rate=rate, max_jobs=max_jobs, max_priority=max_priority
+            credits,
+            name=name,
+            rate=rate,
+            max_jobs=max_jobs,
+            max_priority=max_priority,
+            models=list(dict.fromkeys(entitled)),
         )
     except Exception as exc:
         raise fail(f"cannot reach the job store at {get_settings().redis_url}: {exc}") from None
-    err.print(f"created {record.id} with {credits} credits")
+    extra = f", entitled to {', '.join(record.models)}" if record.models else ""
+    err.print(f"created {record.id} with {credits} credits{extra}")
     typer.echo(key)
 
 
@@ -76,11 +100,15 @@ def _keys() -> KeyStore:
 @models_app.command("build-tiny")
 def build_tiny(
     directory: Annotated[Path, typer.Argument(help="Where to write the pipeline.")],
+    family: Annotated[str, typer.Option(help="The model family: sdxl, sd15 or sd21.")] = "sdxl",
 ) -> None:
-    """Build a tiny SDXL pipeline with random weights (for tests and `sdq up`)."""
+    """Build a tiny pipeline of a model family with random weights (for tests and `sdq up`),
+    loadable with from_pretrained like the real one."""
     from workers.tiny import build_tiny as build
 
     setup_logging()
-    build(directory)
-    err.print(f"built {directory}")
+    if family not in ("sdxl", "sd15", "sd21"):
+        raise fail(f"unknown family {family!r}; choose one of: sdxl, sd15, sd21", 2)
+    build(directory, cast("Family", family))
+    err.print(f"built the tiny {family} pipeline in {directory}")
     typer.echo(json.dumps({"model": str(directory)}))

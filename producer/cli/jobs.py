@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import sys
@@ -74,7 +75,22 @@ def submit(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     key: ApiKeyOpt,
     url: ApiUrl = DEFAULT_URL,
-    tier: Annotated[str, typer.Option(help="budget, normal or premium.")] = "normal",
+    tier: Annotated[str, typer.Option(help="A tier: `GET /v1/tiers` lists them.")] = "normal",
+    style: Annotated[
+        str | None, typer.Option(help="A style's id or slug (`GET /v1/styles` lists them).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A model the tier serves (sd15, sd21: upon request).")
+    ] = None,
+    init_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-image", help="Image-to-image: start from this PNG, JPEG or WebP.", exists=True
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Image-to-image: 0 keeps it, 1 ignores it.")
+    ] = None,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.5,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (tier default).")] = None,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (model default).")] = None,
@@ -105,7 +121,12 @@ def submit(
         "priority": priority,
         "webhook_url": webhook,
         "output_format": output_format,
+        "style": int(style) if style is not None and style.isdigit() else style,
+        "model": model,
+        "strength": strength,
     }
+    if init_image is not None:
+        fields["init_image"] = base64.b64encode(init_image.read_bytes()).decode()
     with _api(url, key) as client:
         # Checked against the deployment's tiers, so a limit reads as the tier's.
         request = client.check({name: value for name, value in fields.items() if value is not None})

@@ -96,14 +96,23 @@ def _ready(name: str) -> None:
 
 
 def _build_tiny_model(settings: Settings) -> None:
-    if settings.model is not None or (settings.tiny_model_dir / "model_index.json").exists():
-        return
-    err.print(f"building the tiny SDXL model in {settings.tiny_model_dir} ...")
-    build = [sys.executable, "-m", "producer.cli", "models", "build-tiny"]
-    # Its stdout is a line for scripts (the model's path as JSON); not for this terminal.
-    done = subprocess.run([*build, str(settings.tiny_model_dir)], stdout=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise fail(f"building the tiny model failed (status {done.returncode})")
+    """Build the tiny pipeline of each model that would load one (no source of its own)."""
+    from common.models import load_models
+
+    for model in load_models(settings.models_file):
+        directory = settings.tiny_dir(model.family)
+        if settings.model_source(model) != str(directory):
+            continue
+        if (directory / "model_index.json").exists():
+            continue
+        err.print(f"building the tiny {model.family} model in {directory} ...")
+        build = [sys.executable, "-m", "producer.cli", "models", "build-tiny"]
+        # Its stdout is a line for scripts (the model's path as JSON); not for this terminal.
+        done = subprocess.run(
+            [*build, str(directory), "--family", model.family], stdout=subprocess.DEVNULL
+        )
+        if done.returncode != 0:
+            raise fail(f"building the tiny model failed (status {done.returncode})")
 
 
 def _log_to_file(stack: Stack) -> None:

@@ -130,3 +130,24 @@ def test_flower_refuses_a_public_address_without_auth(env: dict[str, str]) -> No
     result = sdq("flower", "--host", "0.0.0.0", env=env, timeout=60)
     assert result.returncode == 2
     assert "set SDQ_FLOWER_BASIC_AUTH=user:password" in result.stderr
+
+
+def test_submit_with_a_style_and_an_input_image(
+    env: dict[str, str], api_url: str, new_key, tmp_path: Path
+) -> None:
+    """`--style` shows the prompt it produced; `--init-image` renders at the input's size."""
+    source = tmp_path / "in.png"
+    Image.new("RGB", (96, 72), (200, 40, 40)).save(source)
+    out = tmp_path / "out.png"
+    cli_env = {**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": new_key(10)}
+    result = sdq(
+        "submit", "a castle", "--tier", "budget", "--steps", "4", "--style", "pixel-art",
+        "--init-image", str(source), "--strength", "0.5", "--format", "png", "-o", str(out),
+        env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["style"] == "pixel-art" and job["prompt"].startswith("pixel-art a castle, low-res")
+    assert job["init_image_key"] and job["request"]["init_image"] is None
+    with Image.open(out) as image:
+        assert image.size == (96, 72)

@@ -74,8 +74,9 @@ def test_metrics_count_the_jobs_run(
         value(after, "sdq_job_duration_seconds_bucket", tier="budget", backend="local", le="+Inf")
         >= 3
     )
-    assert value(during, "sdq_queue_depth", tier="normal") >= 1
-    assert value(during, "sdq_queue_oldest_age_seconds", tier="normal") > 0
-    assert value(after, "sdq_queue_depth", tier="normal") == 0
+    assert value(during, "sdq_queue_depth", tier="normal", model="sdxl") >= 1
+    assert value(during, "sdq_queue_oldest_age_seconds", tier="normal", model="sdxl") > 0
+    assert ("sdq_queue_depth", (("model", "sdxl"), ("tier", "normal"))) in after
+    assert value(after, "sdq_queue_depth", tier="normal", model="sdxl") == 0
     for tier in ("budget", "normal", "premium"):
-        assert ("sdq_queue_depth", (("tier", tier),)) in after
+        assert ("sdq_queue_depth", (("model", "sdxl"), ("tier", tier))) in after

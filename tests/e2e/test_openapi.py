@@ -70,6 +70,9 @@ def test_each_operation_appears_once(spec: Spec) -> None:
     assert {"create_job", "job_events", "create_batch", "tiers", "stable_diffusion_normal"} <= set(
         ids
     )
+    assert {"make_art", "styles", "models"} <= set(ids)
+    # The art tier is served by /make-art only, as Hotpot's Image Generator is.
+    assert "/stable-diffusion-art" not in spec["paths"]
 
 
 def test_the_api_key_is_a_security_scheme_on_every_route_that_needs_it(
@@ -128,11 +131,14 @@ def test_error_answers_are_documented_with_the_error_body(spec: Spec) -> None:
             assert {401, 403, 429} <= codes, (method, path)
             assert "Retry-After" in responses["429"]["headers"], (method, path)
     assert "ValidationError" not in spec["components"]["schemas"]
-    submits = ("/v1/jobs", "/v1/batches", "/stable-diffusion-normal")
+    submits = ("/v1/jobs", "/v1/batches", "/stable-diffusion-normal", "/make-art")
     for path in submits:
-        assert {400, 408, 409, 413, 429, 503} <= documented[("post", path)], path
-    hotpot = documented[("post", "/stable-diffusion-budget")]
-    assert {500, 504} <= hotpot and 404 not in hotpot
+        assert {400, 403, 408, 409, 413, 429, 503} <= documented[("post", path)], path
+    for path in ("/stable-diffusion-budget", "/make-art"):
+        hotpot = documented[("post", path)]
+        assert {500, 504} <= hotpot and 404 not in hotpot
+    for path in ("/v1/styles", "/v1/models"):
+        assert documented[("get", path)] == {200, 401, 403, 429}, path
     assert 404 in documented[("get", "/v1/jobs/{job_id}")]
     assert 409 in documented[("post", "/v1/jobs/{job_id}/cancel")]
     events = documented[("get", "/v1/jobs/{job_id}/events")]
@@ -166,6 +172,11 @@ def test_the_answers_one_gets_are_the_documented_ones(
         ("get", "/v1/batches/batch_nope", {}, 404),
         ("post", "/stable-diffusion-normal", {"data": {"inputText": "x", "steps": "0"}}, 400),
         ("post", "/stable-diffusion-premium", {"data": {"inputText": "x"}}, 429),
+        ("post", "/v1/jobs", {"json": {"prompt": "x", "style": "nope"}}, 400),
+        ("post", "/v1/jobs", {"json": {"prompt": "x", "model": "sd15"}}, 403),
+        ("post", "/v1/jobs", {"json": {"prompt": "x", "init_image": "AAAA"}}, 400),
+        ("post", "/make-art", {"data": {"inputText": "x", "promptStrength": "2"}}, 400),
+        ("post", "/make-art", {"data": {"inputText": "x"}}, 429),
     ]
     for method, path, send, status in cases:
         headers = {**key, "content-type": "application/json"} if "content" in send else key
@@ -226,3 +237,27 @@ def test_the_docs_pages_load_nothing_from_another_host(
         assert asset.status_code == 200, url
         assert len(asset.content) > 1000, url
     assert "/openapi.json" in html
+
+
+def test_the_image_inputs_are_documented(spec: Spec) -> None:
+    """The fields of styles, models and image-to-image, in the forms and the JSON body."""
+    for path in ("/make-art", "/stable-diffusion-normal"):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]
+        form = body["multipart/form-data"]["schema"]["properties"]
+        assert form["seedImage"]["format"] == "binary", path
+        assert (form["promptStrength"]["minimum"], form["promptStrength"]["maximum"]) == (0, 1)
+        assert "GET /v1/styles" in form["styleId"]["description"]
+        assert body["application/x-www-form-urlencoded"]["schema"]["properties"] == form
+    assert (
+        "steps"
+        not in spec["paths"]["/make-art"]["post"]["requestBody"]["content"]["multipart/form-data"][
+            "schema"
+        ]["properties"]
+    )
+    job = spec["components"]["schemas"]["JobRequest"]["properties"]
+    assert {"style", "model", "init_image", "strength"} <= set(job)
+    view = spec["components"]["schemas"]["JobView"]["properties"]
+    assert {"style", "prompt", "negative_prompt", "model_id", "init_image_key"} <= set(view)
+    tier = spec["components"]["schemas"]["TierView"]["properties"]
+    assert {"default_model", "models"} <= set(tier)
+    assert {"StyleView", "ModelView"} <= set(spec["components"]["schemas"])

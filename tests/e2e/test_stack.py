@@ -35,10 +35,14 @@ def check_flower(port: int, job_id: str) -> None:
     base = f"http://127.0.0.1:{port}"
     workers = httpx.get(f"{base}/api/workers", params={"refresh": "true"}, timeout=30).json()
     queues = {
-        name.split("@")[0]: [q["name"] for q in info.get("active_queues", [])]
+        name.split("@")[0]: sorted(q["name"] for q in info.get("active_queues", []))
         for name, info in workers.items()
     }
-    assert queues == {tier.name: [tier.queue] for tier in load_tiers()}
+    expected: dict[str, list[str]] = {tier.name: [tier.queue] for tier in load_tiers()}
+    for tier, model, _lane, queue in load_tiers().lanes():
+        if model != tier.default_model:  # one worker per other model, on every tier's lane
+            expected.setdefault(f"budget+normal.{model}", []).append(queue)
+    assert queues == {name: sorted(names) for name, names in expected.items()}
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         tasks = httpx.get(f"{base}/api/tasks", timeout=10).json()
@@ -82,7 +86,7 @@ def test_up_serves_the_seed_request_and_down_leaves_nothing(
         assert up.returncode == 0, up.stderr
         state = tmp_path / "home" / "stack.json"
         pids = json.loads(state.read_text())
-        workers = {f"worker-{name}" for name in load_tiers().names}
+        workers = {f"worker-{name}" for name in load_tiers().names} | {"worker-sd15", "worker-sd21"}
         assert set(pids) == {"valkey", "seaweedfs", "api", "flower", *workers}
         key = re.search(r"API key\s+(sdq_\S+)", up.stderr)
         assert key, up.stderr

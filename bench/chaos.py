@@ -73,6 +73,9 @@ from tests.receiver import Receiver  # noqa: E402
 
 #: A worker's log line as a pool child starts a run.
 _ATTEMPT = re.compile(rb"job (job_[0-9a-f]+): attempt (\d+) on tier")
+#: The chaos run's delivery cap, and the kills one job's runs may take below it.
+MAX_DELIVERIES = 6
+HITS_PER_JOB = MAX_DELIVERIES - 2
 
 
 @dataclass
@@ -154,7 +157,7 @@ class Harness(LocalStack):
         extra = {
             "SDQ_LEASE_SECONDS": str(args.lease),
             "SDQ_RECONCILE_INTERVAL_SECONDS": str(args.reconcile_interval),
-            "SDQ_MAX_DELIVERIES": "6",
+            "SDQ_MAX_DELIVERIES": str(MAX_DELIVERIES),
             "SDQ_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
             "SDQ_WEBHOOK_RETRY_MAX_SECONDS": "5",
             # The harness's own bursts are not what the per-key rate is for.
@@ -174,6 +177,7 @@ class Harness(LocalStack):
         self.args = args
         self.faults: list[Fault] = []
         self.takeovers: list[Takeover] = []
+        self.hits: Counter[str] = Counter()  # kills aimed at each job's runs
         self.last_fault_end = time.monotonic()
         self.sync = Sync()
         #: Submits a fault starts (a batch, a burst), each a list of job ids when done.
@@ -241,14 +245,31 @@ class Harness(LocalStack):
             time.sleep(0.1)
         return {}
 
+    def target(self, seconds: float) -> tuple[str | None, dict[str, tuple[str, int]]]:
+        """A worker to kill, and the runs held: one holding a run when there is one, but
+        never a run already killed HITS_PER_JOB times (else the delivery cap fails it by
+        design: a poison job, which tests/e2e/test_poison.py covers, not a lost one)."""
+        held = self.wait_for_holder(seconds)
+        spared = {
+            name for name, (job_id, _pid) in held.items() if self.hits[job_id] >= HITS_PER_JOB
+        }
+        aimed = [name for name in held if name not in spared]
+        idle = [name for name in self.workers() if name not in spared]
+        name = random.choice(aimed or idle) if aimed or idle else None
+        if name in held:
+            self.hits[held[name][0]] += 1
+        return name, held
+
     # --- faults ----------------------------------------------------------------------
     def fault(self, kind: str, message: str) -> None:
         self.faults.append(Fault(time.time(), kind, message))
         say(f"FAULT {len(self.faults)}: {message}")
 
     def kill_child(self) -> None:
-        held = self.wait_for_holder(2)
-        name = random.choice(list(held) or self.workers())
+        name, held = self.target(2)
+        if name is None:
+            self.fault("no target", "every worker holds a run killed too often already")
+            return
         pool = children(self.procs[name].pid)
         if not pool:
             self.fault("no child", f"{name} had no pool child to kill (restarting)")
@@ -261,8 +282,10 @@ class Harness(LocalStack):
         self.fault("pool child kill", f"SIGKILL pool child {pid} of {name}{running(job_id)}")
 
     def kill_main(self) -> None:
-        held = self.wait_for_holder()
-        name = random.choice(list(held) or self.workers())
+        name, held = self.target(5)
+        if name is None:
+            self.fault("no target", "every worker holds a run killed too often already")
+            return
         job_id = held[name][0] if name in held else None
         self.kill(name, signal.SIGKILL)
         if job_id:

@@ -35,6 +35,7 @@ down:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install
 	$(BIN)/mypy common producer workers
@@ -44,11 +45,10 @@ RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672//
 test: lint typecheck
 	$(BIN)/pytest
 	@if $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null; then \
-		echo "RabbitMQ answers on 127.0.0.1:5672: the end-to-end tests again, with it as the broker"; \
-		echo "(not those that start stacks of their own on Valkey, or test only the API's edge)"; \
-		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest tests/e2e --deselect tests/e2e/test_stack.py \
-			--deselect tests/e2e/test_chaos.py --deselect tests/e2e/test_hostile.py \
-			--deselect tests/e2e/test_limits_api.py --deselect tests/e2e/test_takeover.py; \
+		echo "RabbitMQ answers on 127.0.0.1:5672: the tests whose path crosses the broker, again with it"; \
+		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest tests/e2e/test_broker.py \
+			tests/e2e/test_store_outage.py tests/e2e/test_async_api.py tests/e2e/test_hotpot.py \
+			tests/e2e/test_poison.py; \
 	else \
 		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; \
 	fi

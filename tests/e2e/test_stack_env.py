@@ -53,7 +53,7 @@ def test_the_compose_env_file_is_named_then_works_once_fixed(tmp_path: Path) -> 
         assert up.returncode == 0, up.stderr
         assert "note:" not in up.stderr
         assert '{"model"' not in up.stdout + up.stderr  # build-tiny's line is for scripts
-        assert "building the tiny SDXL model" in up.stderr
+        assert "building the tiny sdxl model" in up.stderr
         key = re.search(r"API key\s+(sdq_\S+)", up.stderr)
         assert key, up.stderr
         response = httpx.post(

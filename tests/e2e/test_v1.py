@@ -110,7 +110,13 @@ def test_tiers(api_url: str, new_key: Key) -> None:
     builtin = tomllib.loads((ROOT / "common" / "tiers.toml").read_text())["tiers"]
     fields = ("description", "default_steps", "max_steps", "max_side", "max_images", "price")
     expected = [
-        {"name": name, **{field: spec[field] for field in fields}, "scheduler": spec["scheduler"]}
+        {
+            "name": name,
+            **{field: spec[field] for field in fields},
+            "scheduler": spec["scheduler"],
+            "default_model": spec.get("default_model", "sdxl"),
+            "models": spec.get("models", [spec.get("default_model", "sdxl")]),
+        }
         for name, spec in builtin.items()
     ]
     assert response.json() == {"tiers": expected}

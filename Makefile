@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CPU_TORCH := torch==2.13.0
 UP_ARGS ?=
 
-.PHONY: install up down test lint typecheck k8s chaos hostile bench load clean
+.PHONY: install up down test lint typecheck k8s chaos hostile bench load fleet clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ bench: install
 # 200 submissions/s for 60 s against the API on loopback.
 load: install
 	$(BIN)/python bench/load.py --rate 200 --duration 60
+
+# A fleet of sleeping GPU workers (real Celery, store, S3, webhooks) at 8, 16 and 32 workers,
+# 10,000 jobs at 32: how cost grows; one figure a line, JSON in bench/fleet.json. ~30 min.
+FLEET_ARGS ?= --sizes 8,16,32 --jobs 10000
+fleet: install
+	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
 
 k8s: install
 	$(BIN)/python infra/k8s/render.py > infra/k8s/workers.yaml

@@ -9,6 +9,9 @@ class SdqError(Exception):
     status_code = 500
     message = "internal error"
 
+    #: The message is written for a job's owner (no endpoint, path or library text).
+    public = False
+
     def __init__(self, message: str | None = None, **details: object) -> None:
         self.message = message or self.message
         #: Extra fields for the error body (a job id, the credits left).
@@ -78,6 +81,12 @@ class QueueUnavailable(SdqError):
 
 class ModelLoadError(SdqError, RuntimeError):
     message = "the model could not be loaded"
+
+
+class ModelNotHere(ModelLoadError):
+    """This worker does not serve the job's model or tier, in words for the job's owner."""
+
+    public = True
 
 
 class HardwareMismatch(SdqError, RuntimeError):

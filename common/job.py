@@ -45,6 +45,23 @@ EVENT_TYPES = {
     JobStatus.FAILED: "job.failed",
     JobStatus.CANCELED: "job.canceled",
 }
+
+
+class ErrorCode(StrEnum):
+    """Why a job failed, stable for clients to branch on; ``Job.error`` says it in plain
+    words, without the internals (endpoints, paths, exception text), which go to the logs."""
+
+    GENERATION_FAILED = "generation_failed"
+    OUT_OF_MEMORY = "out_of_memory"
+    TIMED_OUT = "timed_out"
+    REMOTE_FAILED = "remote_failed"
+    INVALID_REQUEST = "invalid_request"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    STORAGE_FAILED = "storage_failed"
+    #: Its worker was lost (killed, its node gone) on every delivery.
+    LOST = "lost"
+
+
 PROGRESS = "job.progress"
 ALL_EVENTS = [*EVENT_TYPES.values(), PROGRESS]
 #: What a webhook receives when the job names no ``webhook_events``: every status change.
@@ -212,7 +229,10 @@ class Job(BaseModel):
     )
     init_image_key: str | None = Field(None, description="Image-to-image: its input's object.")
     images: list[ImageResult] = Field(default_factory=list)
-    error: str | None = None
+    error: str | None = Field(None, description="Why it failed, in plain words.")
+    error_code: ErrorCode | None = Field(
+        None, description="Why it failed, as a stable code (see ErrorCode)."
+    )
     progress: dict[str, int] | None = None
     batch_id: str | None = None
 

@@ -50,6 +50,13 @@ COUNTERS: dict[str, tuple[str, list[str]]] = {
         ["tier", "reason"],
     ),
 }
+GAUGES: dict[str, tuple[str, list[str]]] = {
+    "sdq_queue_depth": ("Jobs waiting per tier and model.", ["tier", "model"]),
+    "sdq_queue_oldest_age_seconds": (
+        "Age of the oldest queued job per tier and model.",
+        ["tier", "model"],
+    ),
+}
 HISTOGRAMS: dict[str, tuple[str, list[str]]] = {
     "sdq_queue_wait_seconds": ("From submit to a worker starting the job.", ["tier"]),
     "sdq_generation_seconds": ("Pipeline or remote API time per job.", ["tier", "backend"]),
@@ -127,14 +134,9 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = cast(list[str], self.redis.time())
         moment = float(now[0]) + float(now[1]) / 1e6
-        labels = ["tier", "model"]
-        depth = GaugeMetricFamily(
-            "sdq_queue_depth", "Jobs waiting per tier and model.", labels=labels
-        )
-        oldest = GaugeMetricFamily(
-            "sdq_queue_oldest_age_seconds",
-            "Age of the oldest queued job per tier and model.",
-            labels=labels,
+        depth, oldest = (
+            GaugeMetricFamily(name, GAUGES[name][0], labels=GAUGES[name][1])
+            for name in ("sdq_queue_depth", "sdq_queue_oldest_age_seconds")
         )
         for tier, model, lane, _queue in self.tiers.lanes():
             key = queued_key(lane)

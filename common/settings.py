@@ -7,14 +7,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common import production
 from common.models import Model
 
 #: Secrets that ship as defaults so the local stack runs with no configuration. Production
-#: refuses to start with any of them.
-DEV_S3_SECRET = "sdq-dev-secret"
+#: refuses to start with any of them (common/production.py).
+DEV_S3_ACCESS = production.DEV_S3_ACCESS
+DEV_S3_SECRET = production.DEV_S3_SECRET
 #: False while `Settings.unchecked()` builds settings without the production checks.
 _CHECKED: ContextVar[bool] = ContextVar("sdq_settings_checked", default=True)
 #: The checkout this package runs from, when it is an editable install (None otherwise).
@@ -60,7 +62,7 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = None
     s3_bucket: str = "sdq"
     s3_region: str = "us-east-1"
-    s3_access_key: str = "sdq-dev"
+    s3_access_key: str = DEV_S3_ACCESS
     s3_secret_key: SecretStr = SecretStr(DEV_S3_SECRET)
     s3_prefix: str = "images"
     presign_ttl_seconds: int = Field(3600, ge=60, le=7 * 86400)
@@ -91,6 +93,11 @@ class Settings(BaseSettings):
         None, description="A VAE to swap in, e.g. madebyollin/sdxl-vae-fp16-fix for fp16."
     )
     model_variant: str | None = Field("fp16", description="Weights variant tried first on GPU.")
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Persistent torch.compile (inductor, Triton) cache; default "
+        "<home>/compile-cache.",
+    )
     #: Serve a tier on a device class it does not list. Logged loudly; for operators only.
     hardware_override: bool = False
 
@@ -217,6 +224,36 @@ class Settings(BaseSettings):
         None, description="user:password for Flower; required when it listens beyond loopback."
     )
 
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the admin API (/admin/v1); the admin API is off unless "
+        "set. At least 32 characters in production.",
+    )
+    free_credits: int = Field(
+        0, ge=0, description="Credits of a key created without --credits (or credits)."
+    )
+    webhook_secret_overlap_seconds: float = Field(
+        86400.0,
+        ge=0,
+        description="After a webhook secret is rotated, the old one still signs (beside the new "
+        "one) for this long.",
+    )
+    image_ttl_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Images are deleted this long after their job ended (a bucket lifecycle "
+        "rule where the S3 server has one, a sweeper where not); defaults to SDQ_JOB_TTL_SECONDS.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /metrics asks for; required in production unless "
+        "SDQ_METRICS_PORT serves the metrics on a port of their own.",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this port of its own."
+    )
+    bench: bool = Field(False, description="Register the benchmark tasks on workers.")
+
     log_level: str = "INFO"
     log_json: bool = Field(False, description="One JSON object per log line.")
 
@@ -240,13 +277,19 @@ class Settings(BaseSettings):
     def _refuse_placeholders(self) -> Settings:
         if not _CHECKED.get():
             return self
-        if self.env == "production" and self.s3_secret_key.get_secret_value() == DEV_S3_SECRET:
-            raise ValueError(
-                "SDQ_S3_SECRET_KEY is the development placeholder; set a real secret in production"
-            )
+        if self.env == "production":
+            refused = production.problems(self)
+            if refused:
+                # One line per setting, all at once: the operator fixes the file in one pass.
+                raise ValueError("\n".join(refused))
         if self.storage_backend == "local" and self.local_storage_dir is None:
             raise ValueError("SDQ_STORAGE_BACKEND=local needs SDQ_LOCAL_STORAGE_DIR")
         return self
+
+    @property
+    def effective_image_ttl(self) -> int:
+        """How long images outlive their job's end: SDQ_IMAGE_TTL_SECONDS, else the job's."""
+        return self.image_ttl_seconds or self.job_ttl_seconds
 
     @property
     def hard_time_limit(self) -> float:
@@ -286,6 +329,19 @@ class Settings(BaseSettings):
         if self.env == "development":
             return str(self.tiny_dir(model.family))
         return model.source
+
+
+def refusals(exc: ValidationError) -> list[str]:
+    """The lines of an invalid settings error, each naming its setting (``SDQ_X ...``):
+    a field's own error gets its name put in front; a production refusal is its lines."""
+    lines = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            lines.append(f"SDQ_{str(error['loc'][0]).upper()}: {message}")
+        else:
+            lines += message.splitlines()
+    return lines
 
 
 @lru_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,11 @@ from common.errors import NotFound, StorageError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: The bucket lifecycle rule sdq keeps (issue 17); other rules of the bucket are left alone.
+LIFECYCLE_RULE_ID = "sdq-images-expire"
+#: S3's DeleteObjects takes at most this many keys a call.
+_DELETE_BATCH = 1000
 
 
 class Blob:
@@ -36,10 +42,27 @@ class Storage(Protocol):
 
     def ping(self) -> None: ...
 
+    def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> int: ...
+
+    def expire_prefix(self, prefix: str, seconds: int) -> bool: ...
+
 
 def object_key(prefix: str, job_id: str, index: int, extension: str) -> str:
     """``<prefix>/<job_id>/<n>.<ext>``: deterministic, so a retried upload overwrites."""
     return f"{prefix.strip('/')}/{job_id}/{index}.{extension}"
+
+
+def job_prefix(prefix: str, job_id: str) -> str:
+    """Where every object of a job lies: its images and its image-to-image input."""
+    return f"{prefix.strip('/')}/{job_id}/"
+
+
+def lifecycle_days(seconds: int) -> int:
+    """The days of the lifecycle rule that backs a TTL of ``seconds``: S3 counts whole days
+    from an object's upload, and a day more leaves the exact expiry to the sweeper."""
+    return math.ceil(seconds / 86400) + 1
 
 
 class S3Storage:
@@ -132,6 +155,72 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"bucket {self.bucket}: {exc}") from exc
 
+    def delete(self, key: str) -> None:
+        """Delete one object; one that is not there is no error (S3 answers 204 alike)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"delete of {key} failed: {exc}") from exc
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many there were."""
+        deleted = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                for start in range(0, len(keys), _DELETE_BATCH):
+                    batch = keys[start : start + _DELETE_BATCH]
+                    answer = self.client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                    )
+                    if answer.get("Errors"):
+                        raise StorageError(f"delete under {prefix} failed: {answer['Errors'][0]}")
+                    deleted += len(batch)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"delete under {prefix} failed: {exc}") from exc
+        return deleted
+
+    def expire_prefix(self, prefix: str, seconds: int) -> bool:
+        """Keep a bucket lifecycle rule that expires objects under ``prefix`` a day after
+        ``seconds`` (``lifecycle_days``), beside the bucket's other rules. False where the
+        server has no lifecycle rules (or not this kind): the sweeper alone expires them."""
+        days = lifecycle_days(seconds)
+        rule = {
+            "ID": LIFECYCLE_RULE_ID,
+            "Status": "Enabled",
+            "Filter": {"Prefix": prefix},
+            "Expiration": {"Days": days},
+        }
+        try:
+            rules = self._lifecycle_rules()
+            if any(r == rule for r in rules):
+                return True
+            others = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID]
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": [*others, rule]}
+            )
+            # Read back: a server may accept the call and keep nothing of it.
+            kept = any(r.get("ID") == LIFECYCLE_RULE_ID for r in self._lifecycle_rules())
+        except (BotoCoreError, ClientError) as exc:
+            log.info("bucket %s has no lifecycle rules here (%s); the sweeper expires images",
+                     self.bucket, exc)  # fmt: skip
+            return False
+        if kept:
+            log.info("bucket %s: objects under %s expire after %d days", self.bucket, prefix, days)
+        return kept
+
+    def _lifecycle_rules(self) -> list[dict[str, Any]]:
+        try:
+            answer = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchLifecycleConfiguration":
+                return []
+            raise
+        return list(answer.get("Rules", []))
+
 
 class LocalStorage:
     """Files in a directory. For unit tests only: never a silent default."""
@@ -169,6 +258,22 @@ class LocalStorage:
     def ping(self) -> None:
         if not self.root.is_dir():
             raise StorageError(f"{self.root} is not a directory")
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        for file in (path, path.with_suffix(path.suffix + ".type")):
+            file.unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for file in folder.rglob("*") if file.is_file() and file.suffix != ".type")
+        shutil.rmtree(folder)
+        return count
+
+    def expire_prefix(self, prefix: str, seconds: int) -> bool:
+        return False  # a directory has no lifecycle rules: the sweeper expires its files
 
 
 def make_storage(settings: Settings) -> Storage:

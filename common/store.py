@@ -22,7 +22,16 @@ import redis.asyncio as aioredis
 
 from common import lua
 from common.errors import Conflict, Forbidden, InsufficientCredits, NotFound, RateLimited
-from common.job import EVENT_TYPES, PROGRESS, TERMINAL, ImageResult, Job, JobStatus, now
+from common.job import (
+    EVENT_TYPES,
+    PROGRESS,
+    TERMINAL,
+    ErrorCode,
+    ImageResult,
+    Job,
+    JobStatus,
+    now,
+)
 from common.keys import apikey_key
 
 log = logging.getLogger(__name__)
@@ -196,6 +205,7 @@ class JobStore:
         self._transition = client.register_script(lua.source("transition"))
         self._progress = client.register_script(lua.source("progress"))
         self._take = client.register_script(lua.source("take"))
+        self._delete = client.register_script(lua.source("job_delete"))
         self._acreate = aio.register_script(lua.source("create")) if aio is not None else None
 
     def create(
@@ -284,6 +294,8 @@ class JobStore:
             raise NotFound(f"no API key {jobs[0].key_id}")
         if code == -2:
             raise Forbidden("this API key was revoked")
+        if code == -4:
+            raise Forbidden("this API key is disabled")
         if code == 0:
             cost = sum(job.cost for job in jobs)
             raise InsufficientCredits(
@@ -477,14 +489,22 @@ class JobStore:
             },
         )
 
-    def fail(self, job: Job, error: str, *, expired_only: bool = False) -> Transition:
-        """Fail a job that has not ended yet and refund its cost, once; ``expired_only``:
+    def fail(
+        self,
+        job: Job,
+        error: str,
+        *,
+        code: ErrorCode = ErrorCode.GENERATION_FAILED,
+        expired_only: bool = False,
+    ) -> Transition:
+        """Fail a job that has not ended yet and refund its cost, once; ``error`` is what its
+        owner reads (plain words, no internals), ``code`` the stable reason. ``expired_only``:
         not while a run holds a live lease on it."""
         return self.transition(
             job,
             JobStatus.FAILED,
             allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-            fields={"error": error},
+            fields={"error": error, "error_code": code.value},
             refund=True,
             expired_only=expired_only,
         )
@@ -512,6 +532,18 @@ class JobStore:
             ]
         status = self._progress(keys=[job_key(job.id)], args=args)
         return JobStatus(json.loads(status)) if status else None
+
+    def delete(self, job_id: str) -> JobStatus | None:
+        """Delete an ended job's record, events and webhook deliveries, and send its objects
+        to the sweeper (``common/retention.py``); ``None`` once deleted, else the status of a
+        job that has not ended (nothing is deleted). ``NotFound`` when there is none."""
+        result = self._delete(keys=[job_key(job_id)])
+        if result[0] == -1:
+            raise NotFound(f"no job {job_id}")
+        if result[0] == 0:
+            return JobStatus(result[1])
+        log.info("job %s deleted", job_id)
+        return None
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The logged events of a job, from sequence number ``after + 1`` on."""

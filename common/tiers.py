@@ -30,7 +30,14 @@ class Tier(BaseModel):
     max_side: int = Field(ge=64)
     max_images: int = Field(1, ge=1)
     price: int = Field(ge=0, description="Credits per image.")
-    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on compute capability 8.0 and up, else fp16; cpu fp32."
+    )
+    compile_sizes: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(width, height) pairs torch.compile warms (SDQ_TORCH_COMPILE), each with "
+        "1..max_images images; the model's native size when empty. Others run eager.",
+    )
     scheduler: Scheduler = "euler"
     remote_url: str | None = Field(None, description="A Hotpot-compatible endpoint.")
     remote_fallback: list[FallbackPolicy] = Field(default_factory=list)
@@ -42,6 +49,12 @@ class Tier(BaseModel):
     models: list[str] = Field(
         default_factory=list, description="Every model it serves; its default when empty."
     )
+    min_workers: int = Field(
+        1,
+        ge=0,
+        description="Workers KEDA keeps per (tier, model) when its queue is empty; 0 scales "
+        "the pair to zero, and its first waiting job starts a worker (and waits for it).",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Tier:
@@ -49,6 +62,12 @@ class Tier(BaseModel):
             raise ValueError(f"tier {self.name}: default_steps exceeds max_steps")
         if (self.remote_only or self.remote_fallback) and not self.remote_url:
             raise ValueError(f"tier {self.name}: remote_only and remote_fallback need remote_url")
+        for width, height in self.compile_sizes:
+            if width % 8 or height % 8 or max(width, height) > self.max_side:
+                raise ValueError(
+                    f"tier {self.name}: compile size {width}x{height} must be multiples of 8 "
+                    f"within max_side {self.max_side}"
+                )
         if self.default_model not in self.models:
             self.models.insert(0, self.default_model)
         return self

@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -102,12 +102,19 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def sign(secret: str, webhook_id: str, timestamp: datetime, body: str) -> dict[str, str]:
-    """The Standard Webhooks headers for ``body``."""
+def sign(
+    secrets: str | Sequence[str], webhook_id: str, timestamp: datetime, body: str
+) -> dict[str, str]:
+    """The Standard Webhooks headers for ``body``, signed with each of ``secrets``: during
+    the overlap after a rotation, ``webhook-signature`` holds one ``v1,<sig>`` per secret,
+    space-separated, and a receiver holding either secret verifies it."""
+    if isinstance(secrets, str):
+        secrets = [secrets]
+    signatures = " ".join(Webhook(secret).sign(webhook_id, timestamp, body) for secret in secrets)
     return {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(int(timestamp.timestamp())),
-        "webhook-signature": Webhook(secret).sign(webhook_id, timestamp, body),
+        "webhook-signature": signatures,
     }
 
 
@@ -446,13 +453,14 @@ class Dispatcher:
             body = webhook_body(self.redis, record)
             if body is None:
                 return _Outcome(error="the job's record has expired", permanent=True)
-            secret = self.keys.get(record["key_id"]).webhook_secret
+            # Read afresh for every attempt: a rotation applies to the very next send.
+            secrets = self.keys.signing_secrets(record["key_id"])
             target = check_url(
                 record["url"],
                 allow_loopback=self.settings.webhook_allow_loopback,
                 resolver=self._bounded_resolver(deadline),
             )
-            return self._post(target, delivery_id, body, secret, deadline)
+            return self._post(target, delivery_id, body, secrets, deadline)
         except UnsafeUrl as exc:
             return _Outcome(error=exc.message, permanent=True)
         except NotFound:
@@ -473,9 +481,9 @@ class Dispatcher:
         return resolve
 
     def _post(
-        self, target: Target, delivery_id: str, body: str, secret: str, deadline: float
+        self, target: Target, delivery_id: str, body: str, secrets: list[str], deadline: float
     ) -> _Outcome:
-        headers = sign(secret, delivery_id, datetime.now(UTC), body)
+        headers = sign(secrets, delivery_id, datetime.now(UTC), body)
         headers |= {"content-type": "application/json", "host": target.host_header()}
         # Connect to the address that was checked, whatever DNS says now.
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}

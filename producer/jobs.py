@@ -29,7 +29,7 @@ from common.keys import ApiKey
 from common.netguard import check_url
 from common.queue import GENERATE_TASK, broker_priority, time_limits
 from common.settings import Settings
-from common.storage import Storage
+from common.storage import Storage, job_prefix
 from common.store import Created, JobStore, Transition, batch_key, idempotency_key, request_digest
 from common.styles import Styles, load_styles
 from common.tiers import Tier, Tiers
@@ -359,6 +359,26 @@ class JobService:
         if not outcome.applied:
             raise Conflict(f"job {job_id} is already {outcome.current.value}", job_id=job_id)
         return outcome
+
+    def delete(self, key: ApiKey, job_id: str) -> None:
+        """Delete a job of this key: its images and input first (so a storage outage leaves
+        the job as it was, to delete again), then its record, events and webhooks. A queued
+        or running job is canceled first, refunded once, as ``cancel`` does."""
+        job = self.owned(key, job_id)
+        if not job.status.terminal:
+            self.store.cancel(job)  # refused only when it ended meanwhile: deleted as it ended
+        if self.storage is not None:
+            try:
+                self.storage.delete_prefix(job_prefix(self.settings.s3_prefix, job_id))
+            except StorageError as exc:
+                log.error("job %s: its objects could not be deleted: %s", job_id, exc.message)
+                raise StorageError(
+                    "the object storage is unavailable: the job's images were not deleted; "
+                    "try again"
+                ) from None
+        status = self.store.delete(job_id)
+        if status is not None:  # queued again between the cancel and here: cannot happen
+            raise Conflict(f"job {job_id} is {status.value}; try again", job_id=job_id)
 
     def owned(self, key: ApiKey, job_id: str) -> Job:
         """The job if this key owns it: another key's job is as absent as a missing one."""

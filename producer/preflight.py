@@ -68,19 +68,32 @@ def load_settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
+        _production_on_this_machine()
         problems = []
         for error in exc.errors():
-            message = str(error["msg"]).removeprefix("Value error, ")
+            text = str(error["msg"]).removeprefix("Value error, ")
             if error["loc"]:
                 name = f"SDQ_{str(error['loc'][0]).upper()}"
-                problems.append(f"{named(name, _raw(name))}: {message}")
-            else:
+                problems.append(f"{named(name, _raw(name))}: {text}")
+                continue
+            for message in text.splitlines():  # production's refusals: one line each
                 names = sorted(set(re.findall(r"SDQ_[A-Z0-9_]+", message)))
                 if "production" in message and "SDQ_ENV" not in names:
                     names.insert(0, "SDQ_ENV")
                 where = "; ".join(named(n, _raw(n)) for n in names)
                 problems.append(f"{message}: {where}" if where else message)
         raise StackError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _production_on_this_machine() -> None:
+    """SDQ_ENV=production (a compose .env) refused: on a machine whose workers it would stop
+    anyway, say so first, as a worker does, for that is the one line to change."""
+    try:
+        unchecked = Settings.unchecked()
+    except ValidationError:
+        return
+    if unchecked.env == "production":
+        _check_hardware(unchecked)
 
 
 def _answers(url: str) -> bool:

@@ -12,6 +12,10 @@ Each round it
   rounds running says is missing (one round could catch a submit between its charge and
   its publish; a spare message only finds nothing to run).
 
+- deletes the objects of jobs whose images are due (``common/retention.py``): a TTL after a
+  success, at once after a failure, a cancel or a delete; in bounded batches, within half a
+  round.
+
 What it fixed is logged and counted in ``sdq_reconciled_total{action}``.
 """
 
@@ -28,9 +32,10 @@ from typing import Any, cast
 import redis
 
 from common.errors import NotFound
-from common.job import Job
+from common.job import ErrorCode, Job
 from common.metrics import Recorder, queued_key
 from common.queue import is_amqp
+from common.retention import Sweeper
 from common.store import JobStore
 from common.transport import PRIORITY_STEPS, queue_key
 from producer.jobs import JobService
@@ -65,6 +70,8 @@ class Reconciler:
         self._lead = self.redis.register_script(_LEAD)
         #: Each tier's deficit of messages in the previous round.
         self._deficit: dict[str, int] = {}
+        storage = jobs.storage
+        self.sweeper = None if storage is None else Sweeper(self.redis, storage, self.settings)
 
     def lead(self) -> bool:
         """Whether this process leads for the next few rounds."""
@@ -98,6 +105,8 @@ class Reconciler:
                 log.exception("reconciler: job %s could not be taken over", job_id)
         for _tier, _model, lane, queue in self.jobs.tiers.lanes():
             done["enqueued"] += self._fill(lane, queue)
+        if self.sweeper is not None:
+            done["swept"] += self.sweeper.sweep(self.settings.reconcile_interval_seconds / 2)
         done.pop("", None)
         for action, count in done.items():
             if count:
@@ -115,7 +124,7 @@ class Reconciler:
             return ""  # served by workers of another tiers file; theirs to settle
         if job.attempts >= self.settings.max_deliveries:
             message = f"gave up after {job.attempts} deliveries: the worker was lost each time"
-            if self.store.fail(job, message, expired_only=True).applied:
+            if self.store.fail(job, message, code=ErrorCode.LOST, expired_only=True).applied:
                 log.error("job %s: %s", job.id, message)
                 return "failed"
             return ""

@@ -38,6 +38,11 @@ class Account(BaseModel):
     name: str
     credits: int
     webhook_secret: str = Field(description="Verifies the `webhook-signature` of your webhooks.")
+    previous_secret_expires_at: float | None = Field(
+        None,
+        description="After a rotation of `webhook_secret`, deliveries are also signed with the "
+        "previous secret until then (seconds since the epoch); null otherwise.",
+    )
     rate: float = Field(description="Requests a second this key may make, in bursts of as many.")
     max_jobs: int = Field(description="Jobs it may have queued or running at once.")
     active_jobs: int = Field(description="Jobs it has queued or running now.")
@@ -123,4 +128,6 @@ class Error(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    checks: dict[str, str] = Field(description="`ok`, or the error each dependency gave.")
+    checks: dict[str, str] | None = Field(
+        None, description="`ok`, or the error each check gave; to the admin token only."
+    )

@@ -23,17 +23,19 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from common.errors import (
     InvalidRequest,
+    JobTimeout,
     ModelLoadError,
+    ModelNotHere,
     NotFound,
     RemoteApiError,
     SdqError,
     StorageError,
 )
-from common.job import EXTENSIONS, MAX_SEED, ImageResult, Job, JobStatus
+from common.job import EXTENSIONS, MAX_SEED, ErrorCode, ImageResult, Job, JobStatus
 from common.metrics import Recorder
 from common.queue import time_limits
 from common.settings import Settings
-from common.storage import Storage, object_key
+from common.storage import Storage, job_prefix, object_key
 from common.store import JobStore
 from common.styles import Styles, load_styles
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
@@ -132,12 +134,14 @@ def read_init_image(ctx: WorkerContext, job: Job) -> Image.Image | None:
     try:
         blob = _storage_retry(ctx)(ctx.storage.get, key)
     except NotFound:
-        raise InvalidRequest(f"the input image {key} is gone from storage") from None
+        log.error("job %s: its input image %s is gone from storage", job.id, key)
+        raise InvalidRequest("the input image is gone from storage") from None
     try:
         with Image.open(io.BytesIO(blob.body)) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequest(f"the input image {key} cannot be read: {exc}") from None
+        log.error("job %s: its input image %s cannot be read: %s", job.id, key, exc)
+        raise InvalidRequest("the input image cannot be read") from None
 
 
 def upload(
@@ -170,6 +174,29 @@ def upload(
             )
         )
     return results
+
+
+#: What a job's owner reads of each kind of error (its class's words), and its code.
+_FAILURES: tuple[tuple[type[SdqError], ErrorCode], ...] = (
+    (CudaOutOfMemory, ErrorCode.OUT_OF_MEMORY),
+    (RemoteApiError, ErrorCode.REMOTE_FAILED),
+    (ModelLoadError, ErrorCode.MODEL_UNAVAILABLE),
+    (StorageError, ErrorCode.STORAGE_FAILED),
+    (JobTimeout, ErrorCode.TIMED_OUT),
+)
+GENERATION_FAILED = "internal error while generating"
+
+
+def failure(exc: SdqError) -> tuple[ErrorCode, str]:
+    """The code and plain words a job's owner gets for ``exc`` (issue 17). An invalid
+    request's message is written for them; others carry where it failed (an endpoint, a
+    path, a library's text), so they get their kind's words and the log gets the rest."""
+    if isinstance(exc, InvalidRequest):
+        return ErrorCode.INVALID_REQUEST, exc.message
+    for kind, code in _FAILURES:
+        if isinstance(exc, kind):
+            return code, exc.message if exc.public else type(exc).message
+    return ErrorCode.GENERATION_FAILED, GENERATION_FAILED
 
 
 class StoreUnavailable(SdqError, ConnectionError):
@@ -247,7 +274,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         # The message came back after killing its worker too many times: stop the loop.
         message = f"gave up after {started.attempts - 1} deliveries: the worker was lost each time"
         log.error("job %s: %s", job_id, message)
-        ctx.store.fail(job, message)
+        ctx.store.fail(job, message, code=ErrorCode.LOST)
         return JobStatus.FAILED
     log.info("job %s: attempt %d on tier %s", job_id, started.attempts, job.tier)
     waited = started.clock - job.created_at  # one clock, the store's
@@ -256,7 +283,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
     if job.tier not in ctx.tiers.names:
         message = f"tier {job.tier} is no longer served (it left the tiers file)"
         log.error("job %s: %s", job_id, message)
-        ctx.store.fail(job, message)
+        ctx.store.fail(job, message, code=ErrorCode.INVALID_REQUEST)
         return JobStatus.FAILED
     tier = ctx.tiers.get(job.tier)
 
@@ -288,23 +315,31 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         _, soft = time_limits(tier, ctx.settings)
         message = f"ran past the tier's time limit of {soft:.0f}s"
         log.error("job %s: %s", job_id, message)
-        ctx.store.fail(job, message)
+        ctx.store.fail(job, message, code=ErrorCode.TIMED_OUT)
         return JobStatus.FAILED
     except SdqError as exc:
         log.error("job %s failed: %s", job_id, exc.message)
-        ctx.store.fail(job, exc.message)
+        code, text = failure(exc)
+        ctx.store.fail(job, text, code=code)
         return JobStatus.FAILED
     except RedisError:
         raise  # the store, not the job: requeued by the caller
     except Exception:
         log.exception("job %s failed", job_id)
-        ctx.store.fail(job, "internal error while generating")
+        ctx.store.fail(job, GENERATION_FAILED, code=ErrorCode.GENERATION_FAILED)
         return JobStatus.FAILED
-    outcome = ctx.store.succeed(
-        job, results, backend=runner.backend, model=runner.model_name, remote_reason=reason
-    )
+    try:
+        outcome = ctx.store.succeed(
+            job, results, backend=runner.backend, model=runner.model_name, remote_reason=reason
+        )
+    except NotFound:
+        log.info("job %s finished but was deleted meanwhile", job_id)
+        discard(ctx, job)
+        return JobStatus.CANCELED
     if not outcome.applied:
         log.info("job %s finished but is already %s", job_id, outcome.current.value)
+        if outcome.current in (JobStatus.CANCELED, JobStatus.FAILED):
+            discard(ctx, job)  # not when queued again or succeeded: another run owns the keys
         return outcome.current
     if metrics:
         labels = {"tier": job.tier, "backend": runner.backend}
@@ -314,6 +349,15 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         if reason is not None:
             metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
     return JobStatus.SUCCEEDED
+
+
+def discard(ctx: WorkerContext, job: Job) -> None:
+    """Delete what a run uploaded for a job that ended (canceled) or was deleted meanwhile:
+    the sweeper may have swept its objects before these arrived (issue 17)."""
+    try:
+        ctx.storage.delete_prefix(job_prefix(ctx.settings.s3_prefix, job.id))
+    except StorageError as exc:
+        log.warning("job %s: its images could not be deleted: %s", job.id, exc.message)
 
 
 def remote_runner(ctx: WorkerContext, tier: Tier) -> Runner:
@@ -366,7 +410,7 @@ def choose_runner(
         return remote_runner(ctx, tier), "remote_only"
     if job.model_id != ctx.model:
         # Each (tier, model) pair has its own queue: only a misrouted message gets here.
-        raise ModelLoadError(
+        raise ModelNotHere(
             f"model {job.model_id} is not served by this worker (it serves {ctx.model})"
         )
     local = ctx.local
@@ -380,7 +424,7 @@ def choose_runner(
         if may_go_remote(ctx, job, tier, policy):
             log.warning("job %s: %s; handing it to %s", job.id, why, tier.remote_url)
             return remote_runner(ctx, tier), policy
-        raise ModelLoadError(why)
+        raise ModelNotHere(why) if policy == "no_device" else ModelLoadError(why)
     assert local is not None
     spill = tier.spillover_after_seconds
     if may_go_remote(ctx, job, tier, "spillover") and spill is not None and waited > spill:

@@ -13,6 +13,7 @@ from common.errors import HardwareMismatch, InvalidRequest
 from common.models import ModelConfigError, load_models
 from common.settings import Settings, get_settings
 from common.tiers import load_tiers
+from workers.compiled import alive_timeout, plan_for
 from workers.device import check_tier, detect
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,17 @@ def run_worker(
     from workers import tasks
     from workers.celery_app import app
 
-    tasks.serve_model(model)
+    tasks.serve_model(model, [tier.name for tier in selected])
+    if settings.torch_compile and device.count:
+        # The parent waits this long for a pool child's load and compile warm-up.
+        app.conf.worker_proc_alive_timeout = alive_timeout(
+            plan_for(selected), settings.worker_proc_alive_timeout
+        )
+        log.info(
+            "torch.compile: %d shape buckets to warm; a pool child may take %.0fs to start",
+            len(plan_for(selected).buckets),
+            app.conf.worker_proc_alive_timeout,
+        )
     # The node is named for its tiers, and its model where that is not theirs (like lanes).
     node = "+".join(tier_names)
     if any(model != tier.default_model for tier in selected):

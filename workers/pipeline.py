@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from common.errors import ModelLoadError, SdqError
 from common.models import Family
+from workers.compiled import CompiledUNet, CompilePlan, default_cache_dir, plan_for
+from workers.precision import Dtype, Precision, resolve, seeded_latents, torch_dtype
+from workers.runahead import RunAhead, event_factory
+
+if TYPE_CHECKING:
+    from common.models import Model
+    from common.settings import Settings
+    from common.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +105,13 @@ class Generation:
 class DiffusersRunner:
     """Local generation with one model's diffusers pipeline, kept warm in the worker process.
 
-    ``family`` picks the pipeline classes (``PIPELINES``). On CUDA: fp16 weights (the
-    ``fp16`` variant when the model has one), an optional replacement VAE, SDPA attention,
-    channels_last, optional ``torch.compile`` with a warm-up at load so the first job is not
-    the slow one. Image-to-image runs on the same components (``from_pipe``): one copy of
-    the weights in memory.
+    ``family`` picks the pipeline classes (``PIPELINES``). On CUDA: the tier's
+    ``precision`` (bf16 from compute capability 8.0 on, with no VAE upcast; fp16 below, with
+    the fp16-safe VAE ``vae`` where one is set; ``workers.precision``), the ``fp16``
+    weights variant when the model has one, SDPA attention, channels_last, and with
+    ``compile`` the UNet compiled for the shape buckets of ``compile_plan``, each warmed at
+    load (``workers.compiled``). The CPU runs fp32, eager. Image-to-image runs on the same
+    components (``from_pipe``): one copy of the weights in memory.
     """
 
     backend = "local"
@@ -115,20 +125,63 @@ class DiffusersRunner:
         vae: str | None = None,
         variant: str | None = "fp16",
         threads: int | None = None,
+        precision: Precision = "auto",
+        dtype: Dtype | None = None,
+        compile_plan: CompilePlan | None = None,
+        compile_cache: Path | None = None,
     ) -> None:
         self.model = model
         self.family: Family = family
         self.threads = threads
         self.compile = compile
+        self.compile_plan = compile_plan or CompilePlan()
+        #: The persistent inductor and Triton cache (``SDQ_COMPILE_CACHE_DIR``).
+        self.compile_cache = compile_cache
         self.vae = vae
         self.variant = variant
+        self.precision: Precision = precision
+        #: What the pipeline runs in: ``dtype`` where given (tests, the bench), else what
+        #: ``precision`` resolves to on the device, at load.
+        self.dtype: Dtype | None = dtype
         self.pipe: Any = None
         self.device = "cpu"
+        #: The compiled UNet's dispatcher, when compiled.
+        self.compiled: CompiledUNet | None = None
+        #: Seconds the compile warm-up took at load (0 without compile).
+        self.warmup_seconds = 0.0
+        #: The most steps the device lagged behind the last call's progress reports.
+        self.max_lag = 0
         #: Why the model could not be loaded, once a load has failed.
         self.load_error: str | None = None
         self._schedulers: dict[str, Any] = {}
         self._scheduler_config: Any = None
         self._img2img: Any = None
+
+    @classmethod
+    def for_worker(cls, settings: Settings, model: Model, tiers: Sequence[Tier]) -> DiffusersRunner:
+        """The runner of a worker serving ``model`` on ``tiers`` (dearest first): the first
+        tier's precision, and the compile buckets of them all."""
+        precisions = {tier.precision for tier in tiers}
+        if len(precisions) > 1:
+            log.warning(
+                "tiers %s ask for precisions %s; one pipeline serves them: %s (tier %s's)",
+                ", ".join(tier.name for tier in tiers),
+                ", ".join(sorted(precisions)),
+                tiers[0].precision,
+                tiers[0].name,
+            )
+        return cls(
+            settings.model_source(model),
+            family=model.family,
+            compile=settings.torch_compile,
+            # SDQ_VAE_MODEL is an SDXL VAE (the fp16-safe one): no other family takes it.
+            vae=settings.vae_model if model.family == "sdxl" else None,
+            variant=settings.model_variant,
+            threads=settings.torch_threads,
+            precision=tiers[0].precision if tiers else "auto",
+            compile_plan=plan_for(tiers),
+            compile_cache=default_cache_dir(settings) if settings.torch_compile else None,
+        )
 
     @property
     def model_name(self) -> str:
@@ -148,7 +201,6 @@ class DiffusersRunner:
         import diffusers
         import torch
         from diffusers import AutoencoderKL
-        from diffusers.models.attention_processor import AttnProcessor2_0
 
         started = time.monotonic()
         if self.threads:
@@ -157,8 +209,14 @@ class DiffusersRunner:
             torch.set_num_threads(self.threads)
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"
-        dtype = torch.float16 if cuda else torch.float32
+        capability = torch.cuda.get_device_capability() if cuda else None
+        self.dtype = self.dtype or resolve(self.precision, capability)
+        dtype = torch_dtype(self.dtype)
         options: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
+        if self.family == "sdxl":
+            # The invisible watermark costs a CPU pass per image and is on whenever its
+            # package happens to be installed: off, explicitly.
+            options["add_watermarker"] = False
         cls = getattr(diffusers, PIPELINES[self.family][0])
         try:
             if self.vae:
@@ -166,23 +224,7 @@ class DiffusersRunner:
             pipe = self._from_pretrained(cls, options, cuda)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {self.model!r}: {exc}") from exc
-        pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
-        if cuda:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-            if self.compile:
-                pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
-        self.pipe = pipe
-        # The model's own scheduler config: every tier scheduler is made from it, so that
-        # what the model was trained for (prediction_type: v-prediction for SD 2.1 at 768)
-        # survives the swap, and no swap inherits another's options (Karras sigmas).
-        self._scheduler_config = pipe.scheduler.config
-        self._schedulers = {}
-        self._img2img = None
-        if cuda and self.compile:
-            self._warm_up()
+        self.adopt(pipe)
         log.info(
             "loaded %s (%s) on %s (%s) in %.1fs",
             self.model,
@@ -191,6 +233,49 @@ class DiffusersRunner:
             dtype,
             time.monotonic() - started,
         )
+
+    def adopt(self, pipe: Any) -> None:
+        """Make ``pipe`` (the family's text-to-image pipeline, in the runner's dtype) the
+        runner's: onto the device, SDPA attention, the VAE upcast only where needed,
+        channels_last and compile (with its warm-up) on CUDA. ``load`` ends here; the GPU
+        bench hands it a pipeline built from configs."""
+        import torch
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        cuda = torch.cuda.is_available()
+        self.device = "cuda" if cuda else "cpu"
+        if self.dtype is None:
+            dtypes: dict[Any, Dtype] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+            self.dtype = dtypes.get(pipe.unet.dtype, "fp32")
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "watermark", None) is not None:
+            pipe.watermark = None  # off, however the pipeline was made
+        pipe.unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA kernels
+        self._set_vae_upcast(pipe)
+        if cuda:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        # Inductor on the CPU needs a C++ toolchain at run time: the CPU compiles only with
+        # another backend (the tests' "eager").
+        self.compiled = None
+        if self.compile and (cuda or self.compile_plan.backend != "inductor"):
+            self.compiled = CompiledUNet(
+                pipe.unet,
+                backend=self.compile_plan.backend,
+                cuda=cuda,
+                buckets=len(self.compile_plan.buckets),
+                cache=self.compile_cache,
+            )
+        self.pipe = pipe
+        # The model's own scheduler config: every tier scheduler is made from it, so that
+        # what the model was trained for (prediction_type: v-prediction for SD 2.1 at 768)
+        # survives the swap, and no swap inherits another's options (Karras sigmas).
+        self._scheduler_config = pipe.scheduler.config
+        self._schedulers = {}
+        self._img2img = None
+        if self.compiled is not None:
+            self._warm_up()
 
     def _from_pretrained(self, cls: Any, options: dict[str, Any], cuda: bool) -> Any:
         if cuda and self.variant:
@@ -204,11 +289,34 @@ class DiffusersRunner:
                 )
         return cls.from_pretrained(self.model, **options)
 
+    def _set_vae_upcast(self, pipe: Any) -> None:
+        """bf16 and the fp16-safe VAE decode in the model's dtype; only the stock VAE in
+        fp16 (it overflows there) needs diffusers' upcast to fp32, on every decode."""
+        upcast = self.dtype == "fp16" and not self.vae
+        if upcast and pipe.vae.config.get("force_upcast", False):
+            log.warning(
+                "fp16 with the model's own VAE: every decode upcasts it to fp32; set "
+                "SDQ_VAE_MODEL to an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix for SDXL)"
+            )
+            return
+        pipe.vae.register_to_config(force_upcast=False)
+
     def _warm_up(self) -> None:
-        """Compile now, at the native size, so the first job does not pay for it."""
+        """Compile and run each shape bucket now, in the pool child before it takes a job,
+        so that no job compiles (``workers.compiled``)."""
+        assert self.compiled is not None
         started = time.monotonic()
-        self.generate(Generation("warm-up", None, 5.0, 2, None, None, [0]))
-        log.info("torch.compile warm-up took %.1fs", time.monotonic() - started)
+        with self.compiled.warming_up():
+            for size, images in self.compile_plan.buckets:
+                width, height = size if size is not None else (None, None)
+                # Three steps: CUDA graph trees warm up, record, then replay a shape.
+                self.generate(Generation("warm-up", None, 5.0, 3, width, height, [0] * images))
+        self.warmup_seconds = time.monotonic() - started
+        log.info(
+            "torch.compile warm-up of %d shape buckets took %.1fs",
+            len(self.compiled.warmed),
+            self.warmup_seconds,
+        )
 
     def scheduler(self, name: str) -> Any:
         """The tier's scheduler, made once per name from the model's scheduler config."""
@@ -265,11 +373,12 @@ class DiffusersRunner:
         # diffusers 0.42 dropped the pipelines' enable_vae_tiling(); the VAE has its own,
         # and the image-to-image pipeline shares it.
         pipe.vae.enable_tiling()
+        count = len(generation.seeds)
         try:
             return [
                 image
-                for seed in generation.seeds
-                for image in self._call(pipe, generation, [seed], on_step)
+                for index, seed in enumerate(generation.seeds)
+                for image in self._call(pipe, generation, [seed], _one_of(on_step, index, count))
             ]
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
@@ -282,13 +391,15 @@ class DiffusersRunner:
     ) -> list[Image.Image]:
         import torch
 
-        # CPU generators give the same noise for a seed on any device.
+        # CPU generators give the same noise for a seed on any device (the schedulers that
+        # add noise at each step draw it from them too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        # Report only the steps the device has finished, at most two behind Python.
+        run_ahead = RunAhead(on_step, event_factory(self.device))
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            if on_step is not None:
-                # The steps this call runs: image-to-image runs steps x strength of them.
-                on_step(step + 1, pipe.num_timesteps)
+            # The steps this call runs: image-to-image runs steps x strength of them.
+            run_ahead.step(step + 1, pipe.num_timesteps)
             return kwargs
 
         options: dict[str, Any] = {
@@ -301,7 +412,11 @@ class DiffusersRunner:
             "callback_on_step_end": step_end,
         }
         if generation.init_image is None:
-            options.update(width=generation.width, height=generation.height)
+            options.update(
+                width=generation.width,
+                height=generation.height,
+                latents=self._latents(pipe, generation, seeds),
+            )
         else:
             assert generation.size is not None
             options.update(
@@ -310,7 +425,31 @@ class DiffusersRunner:
             )
         with torch.inference_mode():
             result = pipe(**options)
+        run_ahead.finish()
+        self.max_lag = run_ahead.max_lag
         return list(result.images)
+
+    def _latents(self, pipe: Any, generation: Generation, seeds: list[int]) -> Any:
+        """The initial noise of ``seeds`` at the generation's size, drawn in fp32 on the
+        CPU: the same image for a seed in bf16, fp16 or fp32 (``workers.precision``)."""
+        scale = pipe.vae_scale_factor
+        native = pipe.unet.config.sample_size * scale
+        width, height = generation.width or native, generation.height or native
+        shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+        return seeded_latents(seeds, shape, pipe.unet.dtype, self.device)
+
+
+def _one_of(on_step: StepCallback | None, index: int, count: int) -> StepCallback | None:
+    """Image ``index`` of ``count``, run alone (the out-of-memory retry): its steps as steps
+    of the whole job, so that progress never goes back and each step's id stays unique."""
+    if on_step is None:
+        return None
+    callback = on_step
+
+    def report(step: int, total: int) -> None:
+        callback(index * total + step, count * total)
+
+    return report
 
 
 def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -32,12 +32,16 @@ _context: WorkerContext | None = None
 #: The models-file id of the model this worker serves: ``run_worker`` sets it in the Celery
 #: parent, before the pool forks its children, which inherit it.
 _model_id: str | None = None
+#: The tiers it serves, dearest first (their precision and compile sizes), set likewise.
+_tier_names: list[str] = []
 
 
-def serve_model(model_id: str) -> None:
-    """Make ``model_id`` the model this process's pool children load and serve."""
-    global _model_id
+def serve_model(model_id: str, tiers: list[str] | None = None) -> None:
+    """Make ``model_id`` the model this process's pool children load and serve, on
+    ``tiers`` (default: every tier that serves it)."""
+    global _model_id, _tier_names
     _model_id = model_id
+    _tier_names = list(tiers or [])
 
 
 def context() -> WorkerContext:
@@ -48,17 +52,13 @@ def context() -> WorkerContext:
         models = load_models(settings.models_file)
         # Started without `sdq worker` (no model named): the models file's first.
         model = models.get(_model_id or models.ids[0])
+        tiers = load_tiers(settings.tiers_file)
         local = None
         if settings.runner != "remote":
-            local = DiffusersRunner(
-                settings.model_source(model),
-                family=model.family,
-                compile=settings.torch_compile,
-                # SDQ_VAE_MODEL is an SDXL VAE (the fp16-safe one): no other family takes it.
-                vae=settings.vae_model if model.family == "sdxl" else None,
-                variant=settings.model_variant,
-                threads=settings.torch_threads,
-            )
+            served = [tiers.get(name) for name in _tier_names] or [
+                tier for tier in tiers if model.id in tier.models
+            ]
+            local = DiffusersRunner.for_worker(settings, model, served)
         _context = WorkerContext(
             settings=settings,
             store=JobStore(
@@ -70,7 +70,7 @@ def context() -> WorkerContext:
             storage=make_storage(settings),
             local=local,
             remote=RemoteRunners(settings).for_url if settings.remote_enabled else None,
-            tiers=load_tiers(settings.tiers_file),
+            tiers=tiers,
             metrics=Recorder(connect(settings.redis_url)),
             model=model.id,
             styles=load_styles(settings.styles_file),
@@ -91,14 +91,12 @@ def load_model(**_: Any) -> None:
             log.error("%s", exc.message)
 
 
-@app.task(name="sdq.noop", ignore_result=True)
 def noop(sent_at: float) -> None:
     """Does nothing but note how long its message took to start: the broker and Celery's own
     latency, which ``bench/bench.py`` sets against a job's."""
     context().store.redis.rpush("sdq:bench:noop", time.time() - sent_at)
 
 
-@app.task(name="sdq.bench.pipeline", ignore_result=True)
 def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> None:
     """Calls this process's pipeline ``images`` times in a row, as a plain loop would, and
     pushes each call's seconds to the list ``reply_to``: the baseline that ``bench/bench.py``
@@ -113,6 +111,13 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
         runner.generate(generation)
         times.append(time.perf_counter() - began)
     context().store.redis.rpush(reply_to, *times)
+
+
+if get_settings().bench:
+    # Benchmark tasks only where SDQ_BENCH=1 (bench/bench.py sets it): a serving fleet has
+    # no task that runs its pipeline outside a job, uncharged (issue 17).
+    app.task(name="sdq.bench.noop", ignore_result=True)(noop)
+    app.task(name="sdq.bench.pipeline", ignore_result=True)(pipeline_loop)
 
 
 def _revoked(task: Task) -> NoReturn:

@@ -13,7 +13,7 @@
 --
 -- Returns {1, credits_left, created_at}, {0, credits} when the key cannot pay, {2, record} when the
 -- Idempotency-Key was seen, {3, active, cap} over the key's cap of jobs at once,
--- {-1} for an unknown key, {-2} for a revoked one.
+-- {-1} for an unknown key, {-2} for a revoked one, {-4} for a disabled one.
 --
 -- Every check comes before the first write: an error or a refusal leaves nothing behind.
 
@@ -22,9 +22,10 @@ if plan.digest ~= '' then
   local seen = redis.call('GET', KEYS[3])
   if seen then return {2, seen} end
 end
-local key = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'max_jobs', 'active')
+local key = redis.call('HMGET', KEYS[1], 'credits', 'revoked', 'max_jobs', 'active', 'disabled')
 if not key[1] then return {-1, 0} end
 if key[2] == '1' then return {-2, 0} end
+if key[5] == '1' then return {-4, 0} end
 local credits = tonumber(key[1])
 if credits < plan.cost then return {0, credits} end
 local cap = tonumber(key[3]) or plan.max_jobs
@@ -59,6 +60,7 @@ for i, job in ipairs(plan.jobs) do
   end
   count('sdq_jobs_total', '{"status":"queued","tier":"' .. job.tier .. '"}', 1)
   count('sdq_credits_debited_total', '{"tier":"' .. job.tier .. '"}', job.cost)
+  usage(key_id, job.tier, 'debited', job.cost)
   emit(jobkey, 'job.queued', plan.timestamp, job.queued_delivery, plan.now, plan.delivery_ttl)
   ids[#ids + 1] = job.id
 end

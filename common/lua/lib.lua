@@ -20,6 +20,33 @@ local function count(name, labels, amount)
   redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)
 end
 
+-- The UTC date (YYYY-MM-DD) of a time in seconds: days-to-civil (H. Hinnant's algorithm),
+-- since Lua in Redis has no os.date.
+local function utc_day(t)
+  local z = math.floor(t / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+
+-- Usage per key and UTC day, and for the whole fleet (common/usage.py): a hash per day,
+-- fields `<tier>:<what>` (images, debited, refunded), each day kept about 400 days.
+local function usage(key_id, tier, what, amount)
+  if amount == 0 then return end
+  local day = utc_day(clock())
+  for _, hash in ipairs({'sdq:usage:key:' .. key_id .. ':' .. day, 'sdq:usage:fleet:' .. day}) do
+    redis.call('HINCRBY', hash, tier .. ':' .. what, amount)
+    redis.call('EXPIRE', hash, 34560000)
+  end
+end
+
 -- A JSON string value of a job hash field, unquoted. The values were encoded by Python's
 -- json.dumps from validated fields, so a plain strip of the quotes is exact for ids/names.
 local function field(jobkey, name)

@@ -62,9 +62,20 @@ if args.delivery then
     'started_at', stamp)
   redis.call('ZADD', 'sdq:running', lease, id)
 end
+if args.to == 'succeeded' and cur ~= 'succeeded' and args.fields.images then
+  usage(key_id, tier, 'images', #cjson.decode(args.fields.images))
+end
 if args.terminal then
   redis.call('HSET', jobkey, 'finished_at', stamp)
   redis.call('ZREM', 'sdq:running', id)
+  -- Retention (common/retention.py): a success's objects go a TTL after now, a failed or
+  -- canceled job's at once; one that never ran and has no input has none.
+  local input = redis.call('HGET', jobkey, 'init_image_key')
+  if args.to == 'succeeded' then
+    redis.call('ZADD', 'sdq:images:expiry', stamp, id)
+  elseif cur == 'running' or (input and input ~= 'null') then
+    redis.call('ZADD', 'sdq:images:expiry', 0, id)
+  end
 end
 local owner = apikey_key(key_id)
 if args.terminal and not terminal_before and redis.call('EXISTS', owner) == 1 then
@@ -76,6 +87,7 @@ if args.refund and redis.call('HGET', jobkey, 'refunded') ~= 'true' then
   if cost > 0 and redis.call('EXISTS', owner) == 1 then
     credits = redis.call('HINCRBY', owner, 'credits', cost)
     count('sdq_credits_refunded_total', '{"tier":"' .. tier .. '"}', cost)
+    usage(key_id, tier, 'refunded', cost)
   end
   redis.call('HSET', jobkey, 'refunded', 'true')
 end

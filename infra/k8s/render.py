@@ -7,6 +7,12 @@ Celery's Redis transport keeps one list per priority (``sdq.normal``, ``sdq.norm
 ``sdq.normal:9``), so each ScaledObject reads all ten and sums them with a KEDA scaling
 modifier. Nodes carry their class as the label ``sdq.dev/gpu-class`` (t4, l4, a10g, l40s,
 a100, h100, h200).
+
+A tier's ``min_workers`` (tiers file, default 1) is each pair's ``minReplicaCount``; with 0
+KEDA scales the pair to zero once its lists stayed empty for ``cooldownPeriod`` and wakes it
+when their sum exceeds ``ACTIVATION_JOBS``. With a formula, KEDA decides activity on the
+summed metric (``scalingModifiers.activationTarget``), not per trigger
+(``activationListLength``), so the threshold is set there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ IMAGE = "sdq-worker:latest"
 #: Longer than the longest job, so a scaled-down worker finishes what it runs.
 GRACE_SECONDS = 900
 JOBS_PER_WORKER = 2
+MAX_WORKERS = 8
+#: A pair scaled to zero wakes when more jobs than this wait (summed over its priorities).
+ACTIVATION_JOBS = 0
+#: Seconds a pair's lists stay empty before KEDA scales it to zero (min_workers 0 only;
+#: between 1 and MAX_WORKERS the HPA's own stabilization window applies).
+COOLDOWN_SECONDS = 600
 
 
 def priority_lists(queue: str) -> list[str]:
@@ -43,7 +55,12 @@ def worker_name(tier: Tier, model: str) -> str:
 
 def deployment(tier: Tier, model: str) -> dict[str, Any]:
     name = worker_name(tier, model)
-    labels = {"app": name, "sdq.dev/tier": tier.name, "sdq.dev/model": model}
+    labels = {
+        "app": name,
+        "sdq.dev/component": "worker",
+        "sdq.dev/tier": tier.name,
+        "sdq.dev/model": model,
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -53,10 +70,11 @@ def deployment(tier: Tier, model: str) -> dict[str, Any]:
             "labels": labels,
         },
         "spec": {
-            "replicas": 1,
+            # KEDA owns the count from here on; this is what a first apply starts.
+            "replicas": tier.min_workers,
             "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": dict(labels)},
                 "spec": {
                     "terminationGracePeriodSeconds": GRACE_SECONDS,
                     "affinity": {
@@ -111,6 +129,7 @@ def scaled_object(tier: Tier, model: str) -> dict[str, Any]:
             "name": f"p{index}",
             "metadata": {
                 "addressFromEnv": "SDQ_REDIS_ADDRESS",
+                "passwordFromEnv": "REDIS_PASSWORD",
                 "listName": queue,
                 "listLength": str(JOBS_PER_WORKER),
             },
@@ -127,13 +146,14 @@ def scaled_object(tier: Tier, model: str) -> dict[str, Any]:
         },
         "spec": {
             "scaleTargetRef": {"name": name},
-            "minReplicaCount": 1,
-            "maxReplicaCount": 8,
-            "cooldownPeriod": 600,
+            "minReplicaCount": tier.min_workers,
+            "maxReplicaCount": MAX_WORKERS,
+            "cooldownPeriod": COOLDOWN_SECONDS,
             "advanced": {
                 "scalingModifiers": {
                     "formula": " + ".join(f"p{i}" for i in range(len(lists))),
                     "target": str(JOBS_PER_WORKER),
+                    "activationTarget": str(ACTIVATION_JOBS),
                     "metricType": "AverageValue",
                 }
             },
@@ -146,7 +166,15 @@ def render(tiers_file: Path | None) -> str:
     documents: list[dict[str, Any]] = []
     for tier, model, _lane, _queue in load_tiers(tiers_file).lanes():
         documents += [deployment(tier, model), scaled_object(tier, model)]
-    header = "# Rendered by infra/k8s/render.py from the tiers file; do not edit by hand.\n"
+    header = (
+        "# Rendered by infra/k8s/render.py from the tiers file; do not edit by hand.\n"
+        f"# KEDA adds a worker per {JOBS_PER_WORKER} jobs waiting (all priorities summed), up to"
+        f" {MAX_WORKERS}.\n"
+        "# minReplicaCount is the tier's min_workers; a pair at 0 wakes when more than"
+        f" activationTarget ({ACTIVATION_JOBS})\n"
+        "# jobs wait (with scalingModifiers KEDA ignores each trigger's activationListLength)"
+        f" and sleeps\n# again {COOLDOWN_SECONDS} s after its lists emptied.\n"
+    )
     return header + yaml.safe_dump_all(documents, sort_keys=False, width=100)
 
 

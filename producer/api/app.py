@@ -17,7 +17,7 @@ from common.errors import SdqError
 from common.metrics import FleetCollector
 from common.settings import Settings, get_settings
 from common.webhooks import Dispatcher
-from producer.api import errors, health, hotpot, openapi, v1
+from producer.api import admin, errors, health, hotpot, openapi, ui, usage, v1
 from producer.api.limits import RequestLimits
 from producer.api.state import AppState
 from producer.hub import Hub
@@ -32,6 +32,7 @@ Self-hosted Stable Diffusion XL. Two APIs:
   `inputText`, `guidanceScale` and friends, header `Authorization: <key>`; answers with the
   image bytes and `X-API-Credits-Left`.
 * **Async JSON** under `/v1`: submit a job, then poll it for presigned image URLs.
+* **A playground** at [`/ui`](/ui): type a prompt, watch it render, browse your jobs.
 
 Every route but health's takes the key: press **Authorize** and paste it (bare, as Hotpot
 takes it). Errors are `{"code": N, "message": "..."}` with the HTTP status N.
@@ -110,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sdq = state
     app.state.hub = hub
     errors.install(app, state.tiers)
-    routers = [hotpot.router_for(state.tiers), v1.router, health.router]
+    routers = [hotpot.router_for(state.tiers), v1.router, usage.router, admin.router]
+    routers += [health.router, ui.router]
     for router in routers:
         app.include_router(router)
     # Authenticate and bound the body before FastAPI reads it (it does, before dependencies).

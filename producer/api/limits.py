@@ -2,7 +2,8 @@
 
 FastAPI reads a body before any dependency runs, so a caller without a key could make the
 process read and parse megabytes. ``RequestLimits`` runs first: it authenticates every route
-that takes a key (``deps.authenticate`` in its dependencies) from the headers alone, refuses a
+that takes a key (``deps.authenticate`` in its dependencies), and every admin route by the
+admin token (``admin.require_admin``), from the headers alone, refuses a
 ``Content-Length`` over the route's limit unread, and reads the body itself, counting while
 it arrives and within a deadline, before handing it on. A refusal whose body is left unread
 closes the connection, so the server does not drain it either.
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.errors import PayloadTooLarge, RateLimited, SdqError
 from common.keys import AsyncKeyAuth
 from common.settings import Settings
+from producer.api.admin import check_admin, require_admin
 from producer.api.deps import KEY_STATE, authenticate
 from producer.api.errors import ErrorBody, rate_limit_headers
 
@@ -48,6 +50,8 @@ class Policy:
     max_body: int
     #: The larger limit of a body that names an input image (0: the route takes none).
     max_image_body: int = 0
+    #: An admin route: the admin token, not an API key.
+    needs_admin: bool = False
 
     @property
     def most(self) -> int:
@@ -114,12 +118,14 @@ class RequestLimits:
         if policy is None:
             dependant = getattr(route, "dependant", None)
             needs_key = isinstance(dependant, Dependant) and _uses(dependant, authenticate)
+            needs_admin = isinstance(dependant, Dependant) and _uses(dependant, require_admin)
             path = getattr(route, "path", "")
             methods = getattr(route, "methods", None) or set()
             policy = self._policies[id(route)] = Policy(
                 needs_key,
                 body_limit(path, self.settings),
                 image_body_limit(path, self.settings) if "POST" in methods else 0,
+                needs_admin=needs_admin,
             )
         return policy
 
@@ -135,19 +141,25 @@ class RequestLimits:
             try:
                 key = await self.auth.authenticate(headers.get("authorization"))
             except SdqError as exc:
-                await _refuse(exc, scope, receive, send, close=has_body)
+                await _refuse(exc, scope, receive, send, close=has_body, length=length)
                 return
             scope.setdefault("state", {})[KEY_STATE] = key
+        if policy.needs_admin:
+            try:
+                check_admin(self.settings, headers.get("authorization"))
+            except SdqError as exc:
+                await _refuse(exc, scope, receive, send, close=has_body, length=length)
+                return
         if not has_body:
             await self.app(scope, receive, send)
             return
         if length is not None and length > policy.most:
-            await _refuse(_too_large(policy.most), scope, receive, send, close=True)
+            await _refuse(_too_large(policy.most), scope, receive, send, close=True, length=length)
             return
         try:
             body = await _read_body(receive, policy, self.settings.body_timeout_seconds)
         except SdqError as exc:
-            await _refuse(exc, scope, receive, send, close=True)
+            await _refuse(exc, scope, receive, send, close=True, linger=False)
             return
         except _ClientGone:
             return
@@ -212,8 +224,40 @@ def _closing(send: Send) -> Send:
     return closing
 
 
-async def _refuse(exc: SdqError, scope: Scope, receive: Receive, send: Send, close: bool) -> None:
-    """The same body and headers the app's error handler gives ``exc``."""
+#: A refused request's body up to this size is read before the answer: closing a socket with
+#: unread bytes sends a reset, and the client loses the answer (nginx's lingering close).
+LINGER_BYTES = 64 * 1024
+LINGER_SECONDS = 1.0
+
+
+async def _linger(receive: Receive, length: int | None) -> None:
+    if length is not None and length > LINGER_BYTES:
+        return
+    size = 0
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            while size <= LINGER_BYTES:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
+
+
+async def _refuse(
+    exc: SdqError,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    close: bool,
+    length: int | None = None,
+    linger: bool = True,
+) -> None:
+    """The same body and headers the app's error handler gives ``exc``; a small unread body
+    is read first, so the client gets the answer before the connection closes."""
+    if close and linger:
+        await _linger(receive, length)
     response = ErrorBody(exc.status_code, exc.message, **exc.details)
     if isinstance(exc, RateLimited):
         response.headers.update(rate_limit_headers(exc))

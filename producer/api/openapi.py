@@ -31,7 +31,20 @@ TAGS: list[dict[str, Any]] = [
         "description": "The key's credits and limits; the tiers, models and styles on offer.",
     },
     {"name": "Health", "description": "Liveness, readiness and Prometheus metrics."},
+    {
+        "name": "Admin",
+        "description": "For operators, with `Authorization: Bearer <SDQ_ADMIN_TOKEN>` (the "
+        "`AdminToken` scheme): keys, top-ups, limits, webhook secret rotation, fleet usage and "
+        "the audit log. Off (403) unless `SDQ_ADMIN_TOKEN` is set.",
+    },
 ]
+#: The credits a key has left, on every answer that charged or refunded it.
+CREDITS_LEFT: dict[str, Any] = {
+    "X-API-Credits-Left": {
+        "description": "The key's credits after this request.",
+        "schema": {"type": "integer"},
+    }
+}
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -91,6 +92,17 @@ def replay_headers(response: Response, replayed: bool) -> None:
         response.headers["Idempotent-Replayed"] = "true"
 
 
+def credits_header(response: Response, credits: int | None) -> None:
+    """``X-API-Credits-Left``, as the Hotpot endpoints send it, on answers that charged or
+    refunded the key."""
+    if credits is not None:
+        response.headers["X-API-Credits-Left"] = str(credits)
+
+
+#: The 202 of a submit, and the 200 of a cancel: the credits left, in a header too.
+_CHARGED = {"description": "Accepted.", "headers": openapi.CREDITS_LEFT}
+
+
 # The submits are async: the create script runs on the asyncio client, where a sync handler
 # would pay two thread-pool hops (the handler, then FastAPI's response validation).
 @router.post(
@@ -98,7 +110,7 @@ def replay_headers(response: Response, replayed: bool) -> None:
     status_code=202,
     response_model=JobView,
     tags=["Jobs"],
-    responses={**_SUBMIT, 413: openapi.IMAGE_BODY_LIMIT},
+    responses={**_SUBMIT, 413: openapi.IMAGE_BODY_LIMIT, 202: _CHARGED},
 )
 async def create_job(
     body: JobRequest,
@@ -117,6 +129,8 @@ async def create_job(
     under the job (`init_image_key`), re-encoded as PNG without its metadata."""
     submitted = await state.jobs.submit_async(key, [body], idempotency_key=idempotency_key)
     replay_headers(response, submitted.replayed)
+    # A replay charged nothing: the credits the key had when this request came in.
+    credits_header(response, key.credits if submitted.credits is None else submitted.credits)
     return view(state, submitted.jobs[0], submitted.credits)
 
 
@@ -161,16 +175,44 @@ def get_job(job_id: str, state: State, key: Key) -> JobView:
         **_KEYED,
         404: _NO_JOB,
         409: openapi.error(409, "The job has ended already.", "job job_0123 is already succeeded"),
+        200: {"description": "Canceled and refunded.", "headers": openapi.CREDITS_LEFT},
     },
 )
-def cancel_job(job_id: str, state: State, key: Key) -> JobView:
+def cancel_job(job_id: str, state: State, key: Key, response: Response) -> JobView:
     """Cancel a queued job at once; a running one stops within 0.1 s and one denoising
     step (the worker reports steps in batches, at most 0.1 s apart, and learns of the
     cancel from the store's answer). The job's credits are refunded. A job that already
     ended answers 409."""
     outcome = state.jobs.cancel(key, job_id)
     credits = outcome.credits if outcome.credits >= 0 else None
+    credits_header(response, credits)
     return view(state, state.store.get(job_id), credits, webhooks=True)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["Jobs"],
+    responses={
+        **_KEYED,
+        404: _NO_JOB,
+        503: openapi.error(
+            503,
+            "The object storage did not answer: nothing was deleted (a queued or running job "
+            "was canceled); try again.",
+            "the object storage is unavailable: the job's images were not deleted; try again",
+        ),
+    },
+)
+def delete_job(job_id: str, state: State, key: Key) -> Response:
+    """Delete the job, its events, its webhook deliveries, its images and its input image:
+    a later `GET` answers 404 and its presigned URLs stop working. A queued or running job
+    is canceled first and refunded once (as `POST /v1/jobs/{id}/cancel` does). Without a
+    delete, a job's images go `SDQ_IMAGE_TTL_SECONDS` after it succeeded, and at once when
+    it failed or was canceled."""
+    state.jobs.delete(key, job_id)
+    return Response(status_code=204)
 
 
 @router.post(
@@ -328,6 +370,7 @@ def _terminal(event: dict[str, Any]) -> bool:
             "The body is over `SDQ_MAX_BATCH_BODY_BYTES`.",
             "request body too large: at most 4194304 bytes here",
         ),
+        202: _CHARGED,
     },
 )
 async def create_batch(
@@ -343,6 +386,7 @@ async def create_batch(
         key, body.jobs, idempotency_key=idempotency_key, batch=True
     )
     replay_headers(response, submitted.replayed)
+    credits_header(response, key.credits if submitted.credits is None else submitted.credits)
     assert submitted.batch_id is not None
     return await run_in_threadpool(batch_view, state, key, submitted.batch_id, submitted.credits)
 
@@ -382,7 +426,9 @@ def batch_view(
 
 @router.get("/account", response_model=Account, tags=["Account"], responses=_KEYED)
 def account(state: State, key: Key) -> Account:
-    """The key's credits, its limits and its webhook signing secret (`whsec_...`)."""
+    """The key's credits, its limits and its webhook signing secret (`whsec_...`). After the
+    operator rotated the secret, the previous one also signs deliveries until
+    `previous_secret_expires_at`: switch your receiver to `webhook_secret` before then."""
     current = state.keys.get(key.id)
     s = state.settings
     return Account(
@@ -390,6 +436,7 @@ def account(state: State, key: Key) -> Account:
         name=current.name,
         credits=current.credits,
         webhook_secret=current.webhook_secret,
+        previous_secret_expires_at=current.previous_expires(time.time()),
         rate=current.rate or s.default_rate_per_second,
         max_jobs=current.max_jobs or s.default_max_jobs,
         active_jobs=current.active,

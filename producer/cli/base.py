@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from common.settings import Settings, get_settings
+from common.settings import Settings, get_settings, refusals
 
 app = typer.Typer(
     help="sdq: self-hosted Stable Diffusion XL rendering on Celery GPU workers.",
@@ -44,3 +45,14 @@ def setup_logging(settings: Settings | None = None) -> None:
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def checked_settings() -> Settings:
+    """The settings, or exit 2 with one line per refusal (each names its setting), no
+    traceback: what a process that serves prints when production refuses its settings."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for line in refusals(exc):
+            err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from common.settings import Settings, get_settings
-from producer.cli.base import app, fail, setup_logging
+from common.settings import Settings
+from producer.cli.base import app, checked_settings, fail, setup_logging
 
 
 @app.command()
@@ -50,8 +50,8 @@ def api(
     """Run the HTTP API under uvicorn."""
     import uvicorn
 
-    setup_logging()
-    settings = get_settings()
+    settings = checked_settings()
+    setup_logging(settings)
     from producer.api.app import server_options
 
     uvicorn.run(
@@ -71,8 +71,9 @@ def dispatcher() -> None:
     Run it as its own process (or set SDQ_WEBHOOK_DISPATCHER=1 to keep it in the API)."""
     from common.webhooks import serve
 
-    setup_logging()
-    serve(get_settings())
+    settings = checked_settings()
+    setup_logging(settings)
+    serve(settings)
 
 
 @app.command()
@@ -87,8 +88,9 @@ def reconcile(
     from producer.api.state import AppState
     from producer.reconciler import Reconciler
 
-    setup_logging()
-    reconciler = Reconciler(AppState.build(get_settings()).jobs)
+    settings = checked_settings()
+    setup_logging(settings)
+    reconciler = Reconciler(AppState.build(settings).jobs)
     if once:
         done = reconciler.once()
         typer.echo(json.dumps(dict(done)))
@@ -109,7 +111,7 @@ def flower(
     import ipaddress
     import os
 
-    settings = get_settings()
+    settings = checked_settings()
     address = host or settings.flower_host
     try:
         loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback

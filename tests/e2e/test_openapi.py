@@ -14,6 +14,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from common.job import ALL_EVENTS
+from producer.api.admin import OFF
 
 Key = Callable[..., str]
 Spec = dict[str, Any]
@@ -78,15 +79,14 @@ def test_each_operation_appears_once(spec: Spec) -> None:
 def test_the_api_key_is_a_security_scheme_on_every_route_that_needs_it(
     api_url: str, spec: Spec, new_key: Key
 ) -> None:
-    assert spec["components"]["securitySchemes"] == {
-        "ApiKey": {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
-            "description": spec["components"]["securitySchemes"]["ApiKey"]["description"],
-        }
+    assert spec["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": spec["components"]["securitySchemes"]["ApiKey"]["description"],
     }
-    secured, open_ = [], []
+    assert set(spec["components"]["securitySchemes"]) == {"ApiKey", "AdminToken"}
+    secured, admin, open_ = [], [], []
     for method, path, operation in operations(spec):
         # The header is the scheme's, not a parameter Swagger would ask for again.
         assert "authorization" not in {p["name"].lower() for p in operation.get("parameters", [])}
@@ -98,12 +98,18 @@ def test_the_api_key_is_a_security_scheme_on_every_route_that_needs_it(
                 "code": 401,
                 "message": "missing API key: send it in the Authorization header",
             }
+        elif operation.get("security") == [{"AdminToken": []}]:
+            # The session's API has no SDQ_ADMIN_TOKEN: the admin API is off, and says so.
+            admin.append(path)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json() == {"code": 403, "message": OFF}
         else:
             open_.append(path)
             assert operation.get("security") is None, (method, path)
             assert response.status_code == 200, (method, path, response.text)
     assert sorted(open_) == ["/healthz", "/metrics", "/readyz"]
     assert len(secured) >= 13
+    assert all(path.startswith("/admin/v1/") for path in admin) and len(admin) >= 9
     # What Swagger UI sends once Authorize holds the key: the bare key, as Hotpot takes it.
     key = new_key(7)
     account = httpx.get(f"{api_url}/v1/account", headers={"Authorization": key})
@@ -127,7 +133,9 @@ def test_error_answers_are_documented_with_the_error_body(spec: Spec) -> None:
             assert media["schema"] == {"$ref": "#/components/schemas/Error"}, (method, path, code)
             assert media["example"]["code"] == int(code)
             assert response["description"]
-        if operation.get("security"):
+        if operation.get("security") == [{"AdminToken": []}]:
+            assert {401, 403} <= codes, (method, path)
+        elif operation.get("security"):
             assert {401, 403, 429} <= codes, (method, path)
             assert "Retry-After" in responses["429"]["headers"], (method, path)
     assert "ValidationError" not in spec["components"]["schemas"]

@@ -133,7 +133,7 @@ def test_tiers(api_url: str, new_key: Key) -> None:
 def test_health_and_docs(api_url: str) -> None:
     assert httpx.get(f"{api_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{api_url}/readyz").json()
-    assert ready == {"ready": True, "checks": {"store": "ok", "broker": "ok", "storage": "ok"}}
+    assert ready == {"ready": True}  # the checks' details are the admin token's to see
     spec = httpx.get(f"{api_url}/openapi.json").json()
     for path in ("/stable-diffusion-budget", "/stable-diffusion-premium", "/v1/jobs"):
         assert path in spec["paths"]

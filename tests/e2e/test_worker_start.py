@@ -43,6 +43,9 @@ def test_then_the_invalid_setting_in_one_line(env: dict[str, str]) -> None:
         SDQ_ENV="production",
         SDQ_S3_SECRET_KEY="sdq-dev-secret",
         SDQ_HARDWARE_OVERRIDE="true",
+        # What else production refuses (tests/unit/test_production_settings.py), made real.
+        SDQ_WEBHOOK_ALLOW_LOOPBACK="0",
+        SDQ_METRICS_TOKEN="0d9c8b7a6f5e4d3c2b1a",
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = lines(result)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from common.errors import ModelLoadError
-from common.job import Job, JobRequest, JobStatus
+from common.job import ErrorCode, Job, JobRequest, JobStatus
 from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
@@ -72,7 +72,8 @@ def test_a_failing_pipeline_fails_and_refunds(settings, store, keys, storage) ->
     ctx = WorkerContext(settings, store, storage, BrokenRunner())
     assert execute(ctx, job.id) is JobStatus.FAILED
     failed = store.get(job.id)
-    assert failed.error == "cannot load model 'broken': no such directory"
+    assert failed.error == "the model could not be loaded"  # the library's words: logs only
+    assert failed.error_code is ErrorCode.MODEL_UNAVAILABLE
     assert failed.refunded and keys.credits(job.key_id) == 10
 
 

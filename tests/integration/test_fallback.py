@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from common.errors import RemoteApiError
-from common.job import Job, JobStatus
+from common.job import ErrorCode, Job, JobStatus
 from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
@@ -146,7 +146,8 @@ def test_allow_remote_false_forbids_it(settings, store, keys, storage, fresh: St
         execute(context(settings, store, storage, Unloadable(), tiers), job.id) is JobStatus.FAILED
     )
     failed = store.get(job.id)
-    assert failed.error == "cannot load model 'sdxl': no such directory" and failed.refunded
+    assert failed.error == "the model could not be loaded" and failed.refunded
+    assert failed.error_code is ErrorCode.MODEL_UNAVAILABLE
     assert fresh.calls == []
 
 
@@ -230,7 +231,11 @@ def test_the_circuit_opens_and_jobs_fail_refunded(
     for _ in range(2):
         job = queued(store, keys)
         assert execute(ctx, job.id) is JobStatus.FAILED
-        assert "remote API answered 500" in (store.get(job.id).error or "")
+        failed = store.get(job.id)
+        assert (failed.error, failed.error_code) == (
+            "the remote API failed",
+            ErrorCode.REMOTE_FAILED,
+        )
     calls = len(fresh.calls)
     job = queued(store, keys)
     assert execute(ctx, job.id) is JobStatus.FAILED
@@ -377,7 +382,7 @@ def test_the_remote_api_runs_the_default_model_text_to_image_only(
     ctx = context(settings, store, storage, Unloadable(), tiers)
     ctx.model = "sd15"
     assert execute(ctx, other_model.id) is JobStatus.FAILED
-    assert store.get(other_model.id).error == Unloadable.load_error
+    assert store.get(other_model.id).error == "the model could not be loaded"
     img2img = recorded(store, queued(store, keys), init_image_key="inputs/x.png")
     ctx = context(settings, store, storage, Unloadable(), tiers)
     assert execute(ctx, img2img.id) is JobStatus.FAILED

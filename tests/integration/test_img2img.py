@@ -169,5 +169,7 @@ def test_a_missing_input_fails_refunded(
     assert keys.credits(job.key_id) == 8
     assert execute(WorkerContext(settings, store, storage, sdxl), job.id) is JobStatus.FAILED
     failed = store.get(job.id)
-    assert failed.error == f"the input image {job.init_image_key} is gone from storage"
+    # The object's name stays in the log: the owner reads plain words and a stable code.
+    assert failed.error == "the input image is gone from storage"
+    assert failed.error_code == "invalid_request"
     assert failed.refunded and keys.credits(job.key_id) == 10

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common import usage
 from common.audit import AuditEntry, AuditLog
@@ -42,18 +42,22 @@ INVALID = "invalid admin token"
 
 def check_admin(settings: Settings, authorization: str | None) -> None:
     """Refuse a request without the admin token: 403 when the admin API is off, 401 without
-    a token, 403 with another. Digests are compared, so neither the token nor its length
-    leaks through timing."""
-    token = settings.admin_token
-    if token is None:
+    a token, 403 with another."""
+    if settings.admin_token is None:
         raise Forbidden(OFF)
+    check_bearer(settings.admin_token, authorization, MISSING, INVALID)
+
+
+def check_bearer(token: SecretStr, authorization: str | None, missing: str, invalid: str) -> None:
+    """401 ``missing`` without a bearer token, 403 ``invalid`` with another than ``token``.
+    Digests are compared, so neither the token nor its length leaks through timing."""
     scheme, _, value = (authorization or "").strip().partition(" ")
     if not scheme or (scheme.lower() == "bearer" and not value.strip()):
-        raise AuthError(MISSING)
+        raise AuthError(missing)
     given = hashlib.sha256(value.strip().encode("utf-8", "surrogatepass")).digest()
     wanted = hashlib.sha256(token.get_secret_value().encode()).digest()
     if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
-        raise Forbidden(INVALID)
+        raise Forbidden(invalid)
 
 
 def is_admin(settings: Settings, authorization: str | None) -> bool:

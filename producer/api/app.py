@@ -8,9 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+)
 from starlette.concurrency import run_in_threadpool
 
 from common.errors import SdqError
@@ -18,6 +23,7 @@ from common.metrics import FleetCollector
 from common.settings import Settings, get_settings
 from common.webhooks import Dispatcher
 from producer.api import admin, errors, health, hotpot, openapi, ui, usage, v1
+from producer.api.admin import check_bearer
 from producer.api.limits import RequestLimits
 from producer.api.state import AppState
 from producer.hub import Hub
@@ -70,6 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         per_process=settings.streams_per_process,
     )
 
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(FleetCollector(state.store.redis, state.tiers))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -88,9 +97,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # In every API process; one leads at a time.
             reconcile = Reconciler(state.jobs).run
             threading.Thread(target=reconcile, args=(stop,), name="reconciler", daemon=True).start()
+        metrics_server = None
+        if settings.metrics_port is not None:
+            # Its own port, for a scraper on a network the API's clients cannot reach.
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, addr=settings.api_host, registry=registry
+            )
         await hub.start()
         yield
         await hub.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         stop.set()
         if dispatcher is not None:
             dispatcher.join(timeout=settings.webhook_timeout_seconds + 5)
@@ -118,17 +135,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Authenticate and bound the body before FastAPI reads it (it does, before dependencies).
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(RequestLimits, settings=settings, auth=state.auth, routes=routes)
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(FleetCollector(state.store.redis, state.tiers))
+    if settings.metrics_port is None:
+        add_metrics_route(app, registry, settings)
+    return app
+
+
+def add_metrics_route(app: FastAPI, registry: CollectorRegistry, settings: Settings) -> None:
+    """``GET /metrics`` on the API's port, behind ``SDQ_METRICS_TOKEN`` when it is set."""
+    token = settings.metrics_token
 
     @app.get(
         "/metrics",
         tags=["Health"],
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+            401: openapi.error(401, "SDQ_METRICS_TOKEN is set and no token was sent.", NO_TOKEN),
+            403: openapi.error(403, "The token is not SDQ_METRICS_TOKEN.", WRONG_TOKEN),
+        },
     )
-    def metrics() -> Response:
-        """Prometheus metrics of the whole fleet (they are kept in Redis)."""
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics of the whole fleet (they are kept in Redis). With
+        `SDQ_METRICS_TOKEN` set, only to `Authorization: Bearer <token>`."""
+        if token is not None:
+            check_bearer(token, request.headers.get("authorization"), NO_TOKEN, WRONG_TOKEN)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+NO_TOKEN = "missing metrics token: send Authorization: Bearer <SDQ_METRICS_TOKEN>"
+WRONG_TOKEN = "invalid metrics token"

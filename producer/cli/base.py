@@ -17,7 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(
-    help="Manage API keys: over the admin API with --url and --token, else on the job store.", no_args_is_help=True
+    help="Manage API keys: over the admin API with --url and --token, else on the job store.",
+    no_args_is_help=True,
 )
 models_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -201,7 +201,16 @@ def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> d
     budget = load_tiers().get("budget")
     runner = SdxlRunner(str(harness.home / "tiny-sdxl"))
     runner.load()
-    generation = Generation("bench", None, 7.5, STEPS, None, None, [0], budget.scheduler)
+    generation = Generation(
+        prompt="bench",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=STEPS,
+        width=None,
+        height=None,
+        seeds=[0],
+        scheduler=budget.scheduler,
+    )
     runner.generate(generation)
     rounds = THROUGHPUT_ROUNDS
     per_round = max(2, args.images // rounds)

@@ -68,8 +68,8 @@ from common.job import Job, JobStatus  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
 from common.store import RUNNING_KEY, JobStore, job_key, key_jobs_key  # noqa: E402
-from tests.conftest import wait_until  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 #: A worker's log line as a pool child starts a run.
 _ATTEMPT = re.compile(rb"job (job_[0-9a-f]+): attempt (\d+) on tier")

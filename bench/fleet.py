@@ -67,8 +67,8 @@ from common.store import (  # noqa: E402
     key_jobs_key,
     webhooks_key,
 )
-from tests.conftest import wait_until  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 TIER = "budget"
 QUEUED_INDEX = f"sdq:queued:{TIER}"

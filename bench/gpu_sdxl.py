@@ -211,7 +211,15 @@ def runner_call(runner: Any, args: argparse.Namespace, batch: int) -> Callable[[
     from workers.pipeline import Generation
 
     lags: list[int] = []
-    generation = Generation(PROMPT, None, 7.5, args.steps, args.size, args.size, list(range(batch)))
+    generation = Generation(
+        prompt=PROMPT,
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=args.steps,
+        width=args.size,
+        height=args.size,
+        seeds=list(range(batch)),
+    )
 
     def call() -> list[Any]:
         images = runner.generate(generation, on_step=lambda step, total: None)

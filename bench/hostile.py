@@ -47,8 +47,8 @@ from bench.localstack import SDQ, LocalStack, say, tree_rss  # noqa: E402
 from common.job import Job, JobRequest, JobStatus, new_job_id, now  # noqa: E402
 from common.keys import ApiKey, KeyStore  # noqa: E402
 from common.store import JobStore, key_jobs_key  # noqa: E402
-from tests.conftest import wait_until  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 MB = 1024 * 1024
 CHEAP = {"tier": "budget", "steps": 1, "width": 64, "height": 64}

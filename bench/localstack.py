@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
 from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv  # noqa: E402
-from tests.conftest import wait_until  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 SDQ = [sys.executable, "-m", "producer.cli"]
 T0 = time.monotonic()

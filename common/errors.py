@@ -74,11 +74,6 @@ class StorageError(SdqError, OSError):
     message = "object storage unavailable"
 
 
-class QueueUnavailable(SdqError):
-    status_code = 503
-    message = "the job queue is unavailable; nothing was charged"
-
-
 class ModelLoadError(SdqError, RuntimeError):
     message = "the model could not be loaded"
 

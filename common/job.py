@@ -45,6 +45,8 @@ EVENT_TYPES = {
     JobStatus.FAILED: "job.failed",
     JobStatus.CANCELED: "job.canceled",
 }
+#: The events after which a job emits no more: its SSE stream ends with one of them.
+TERMINAL_EVENTS = frozenset(EVENT_TYPES[status] for status in TERMINAL)
 
 
 class ErrorCode(StrEnum):

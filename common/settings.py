@@ -306,14 +306,6 @@ class Settings(BaseSettings):
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
 
-    @property
-    def model_path(self) -> str:
-        return self.model or str(self.tiny_model_dir)
-
-    @property
-    def tiny_model_dir(self) -> Path:
-        return self.tiny_dir("sdxl")
-
     def tiny_dir(self, family: str) -> Path:
         """Where `sdq models build-tiny` writes the tiny pipeline of ``family``."""
         return self.home / "models" / f"tiny-{family}"

@@ -271,7 +271,7 @@ class JobStore:
                     "priority": job.priority,
                     "cost": job.cost,
                     "fields": record_fields(job),
-                    "queued_delivery": delivery_id(job.id, "job.queued"),
+                    "queued_delivery": delivery_id(job.id, EVENT_TYPES[JobStatus.QUEUED]),
                     "list": queue,
                     "message": message,
                 }

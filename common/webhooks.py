@@ -18,7 +18,6 @@ process still counts, and no other dispatcher sends the same delivery meanwhile.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import logging
 import random
 import signal
@@ -42,6 +41,7 @@ from standardwebhooks.webhooks import Webhook
 
 from common import lua
 from common.errors import NotFound, RateLimited
+from common.http import retry_after
 from common.keys import KeyStore
 from common.metrics import Recorder
 from common.netguard import Resolver, Target, UnsafeUrl, check_url, system_resolver
@@ -84,22 +84,6 @@ class Delivery(BaseModel):
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with +-25% jitter: attempt 1 waits about ``base``."""
     return float(min(cap, base * 2.0 ** (attempt - 1)) * random.uniform(0.75, 1.25))
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def sign(

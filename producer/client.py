@@ -25,10 +25,9 @@ from httpx_sse import connect_sse
 from pydantic import ValidationError
 
 from common.errors import InvalidRequest, JobTimeout, SdqError
-from common.job import JobRequest, JobStatus
+from common.http import retry_after
+from common.job import TERMINAL_EVENTS, JobRequest, JobStatus
 from producer.schemas import Account, BatchView, Event, JobPage, JobView, TierList, TierView
-
-TERMINAL_EVENTS = {"job.succeeded", "job.failed", "job.canceled"}
 
 
 class ApiError(SdqError):
@@ -108,14 +107,12 @@ def _raise_for(response: httpx.Response) -> None:
     cls = _ERRORS.get(
         response.status_code, ServerError if response.status_code >= 500 else ApiError
     )
-    raise cls(response.status_code, message, retry_after=_retry_after(response), **body)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
-        return None
+    raise cls(
+        response.status_code,
+        message,
+        retry_after=retry_after(response.headers.get("retry-after")),
+        **body,
+    )
 
 
 def _base_url(url: str) -> httpx.URL:

@@ -31,6 +31,7 @@ from typing import Any, cast
 
 import redis
 
+from common import lua
 from common.errors import NotFound
 from common.job import ErrorCode, Job
 from common.metrics import Recorder, queued_key
@@ -48,16 +49,6 @@ UNACKED_KEY = "unacked"
 #: ... and the time each was delivered in this sorted set.
 UNACKED_INDEX_KEY = "unacked_index"
 
-# Take or keep the leadership: SET NX, or extend it when it is ours already.
-_LEAD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
 
 class Reconciler:
     def __init__(self, jobs: JobService, metrics: Recorder | None = None) -> None:
@@ -67,7 +58,7 @@ class Reconciler:
         self.settings = jobs.settings
         self.metrics = metrics or Recorder(self.redis)
         self.token = secrets.token_hex(8)
-        self._lead = self.redis.register_script(_LEAD)
+        self._lead = self.redis.register_script(lua.source("reconciler_lead"))
         #: Each tier's deficit of messages in the previous round.
         self._deficit: dict[str, int] = {}
         storage = jobs.storage

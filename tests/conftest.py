@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,53 +26,16 @@ from common.storage import S3Storage
 from common.store import JobStore
 from producer.servers import WeedPorts, free_port, valkey_argv, weed_argv
 from tests.receiver import Receiver
+from tests.support import ROOT, spawn, stop, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(
-    check: Callable[[], bool],
-    timeout: float,
-    what: str,
-    proc: subprocess.Popen[bytes] | None = None,
-    log: Path | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-3000:] if log else ""
-    raise RuntimeError(f"{what} not ready after {timeout}s\n{tail}")
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e/ ``e2e``: ``pytest -m "not e2e"`` runs the fast part."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

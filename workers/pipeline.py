@@ -68,7 +68,7 @@ class CudaOutOfMemory(SdqError, MemoryError):
     message = "the GPU ran out of memory, even one image at a time with VAE tiling"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Generation:
     """One pipeline call: a prompt, its settings, one seed per image; with ``init_image``,
     image-to-image from it at ``strength`` (0 keeps it, 1 ignores it)."""
@@ -310,7 +310,17 @@ class DiffusersRunner:
             for size, images in self.compile_plan.buckets:
                 width, height = size if size is not None else (None, None)
                 # Three steps: CUDA graph trees warm up, record, then replay a shape.
-                self.generate(Generation("warm-up", None, 5.0, 3, width, height, [0] * images))
+                self.generate(
+                    Generation(
+                        prompt="warm-up",
+                        negative_prompt=None,
+                        guidance_scale=5.0,
+                        steps=3,
+                        width=width,
+                        height=height,
+                        seeds=[0] * images,
+                    )
+                )
         self.warmup_seconds = time.monotonic() - started
         log.info(
             "torch.compile warm-up of %d shape buckets took %.1fs",

@@ -22,6 +22,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
 from common.errors import RemoteApiError
+from common.http import retry_after
 from common.settings import Settings
 from workers.pipeline import Generation, StepCallback
 
@@ -69,11 +70,6 @@ class CircuitBreaker:
             self.failures += 1
             if self.failures >= self.threshold:
                 self.opened_at = time.monotonic()
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
-    return float(value) if value.replace(".", "", 1).isdigit() else None
 
 
 def _message(response: httpx.Response) -> str:
@@ -153,7 +149,7 @@ class HotpotClient:
         message = f"remote API answered {response.status_code}: {_message(response)}"
         if response.status_code == 429 or response.status_code >= 500:
             log.warning("%s; retrying", message)
-            raise RetryableRemoteError(message, _retry_after(response))
+            raise RetryableRemoteError(message, retry_after(response.headers.get("retry-after")))
         raise RemoteApiError(message)
 
 

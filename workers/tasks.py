@@ -104,7 +104,16 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
     runner = context().local
     if runner is None:
         raise ModelLoadError("this worker has no local pipeline")
-    generation = Generation("bench", None, 7.5, steps, None, None, [0], scheduler)
+    generation = Generation(
+        prompt="bench",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=steps,
+        width=None,
+        height=None,
+        seeds=[0],
+        scheduler=scheduler,
+    )
     times = []
     for _ in range(images):
         began = time.perf_counter()

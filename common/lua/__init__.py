@@ -1,5 +1,6 @@
-"""The job store's atomic steps, as Lua programs: one file per step, each with a header
-naming its KEYS and ARGV. ``lib.lua`` holds the helpers they share and is prepended."""
+"""The atomic steps of the job store (and the reconciler's leadership), as Lua programs: one
+file per step, each with a header naming its KEYS and ARGV. ``lib.lua`` holds the helpers they
+share and is prepended."""
 
 from __future__ import annotations
 

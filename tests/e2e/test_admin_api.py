@@ -24,8 +24,8 @@ from producer.api import admin
 from producer.api.admin import INVALID, MISSING, OFF
 from producer.api.app import create_app
 from producer.servers import free_port
-from tests.conftest import spawn, stop, wait_until
 from tests.receiver import Receiver
+from tests.support import spawn, stop, wait_until
 
 TOKEN = "test-admin-token-0123456789abcdef-0123456789"
 FREE_CREDITS = 25

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from producer.servers import free_port
-from tests.conftest import spawn, stop, wait_until
+from tests.support import spawn, stop, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,7 @@ from common.keys import KeyStore
 from common.redis import connect
 from common.store import JobStore
 from producer.servers import free_port
-from tests.conftest import spawn, stop, wait_until
+from tests.support import spawn, stop, wait_until
 
 Key = Callable[..., str]
 BIG = 200 * 1024 * 1024

@@ -17,7 +17,7 @@ from common.queue import GENERATE_TASK, make_celery
 from common.settings import Settings
 from common.store import JobStore
 from common.tiers import load_tiers
-from tests.conftest import spawn, stop, wait_until
+from tests.support import spawn, stop, wait_until
 
 # Loaded by the worker's interpreter at start-up (sitecustomize): prompts containing POISON
 # kill the pool child that runs them, as a segfaulting kernel or the OOM killer would.

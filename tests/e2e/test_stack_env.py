@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
 from tests.e2e.test_stack import SDQ, stack_env
+from tests.support import ROOT
 
 
 def line_of(path: Path, prefix: str) -> int:

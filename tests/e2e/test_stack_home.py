@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from common.settings import Settings, default_home
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 SDQ = [sys.executable, "-m", "producer.cli"]
 

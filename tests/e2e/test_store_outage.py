@@ -24,7 +24,7 @@ from common.keys import KeyStore
 from common.redis import connect
 from common.storage import S3Storage
 from producer.servers import free_port, valkey_argv
-from tests.conftest import ROOT, spawn, stop, wait_until
+from tests.support import ROOT, spawn, stop, wait_until
 
 BROKER = os.environ.get("SDQ_TEST_BROKER", "")
 pytestmark = [

@@ -22,7 +22,7 @@ from common.keys import KeyStore
 from common.redis import connect
 from common.storage import S3Storage
 from producer.servers import free_port
-from tests.conftest import spawn, stop, wait_until
+from tests.support import spawn, stop, wait_until
 
 LEASE_SECONDS = 3
 #: From the kill to the job's second start: the lease left (3 s at most), a reconciler

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 Key = Callable[..., str]
 

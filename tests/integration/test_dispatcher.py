@@ -11,12 +11,13 @@ from typing import cast
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from common.http import retry_after
 from common.job import Job
 from common.keys import KeyStore
 from common.redis import connect
 from common.settings import Settings
 from common.store import DUE_KEY, JobStore, delivery_id, delivery_key, job_key, webhook_body
-from common.webhooks import Deliveries, Dispatcher, backoff, retry_after
+from common.webhooks import Deliveries, Dispatcher, backoff
 from tests.factories import queued_job
 from tests.receiver import Receiver
 

@@ -257,12 +257,32 @@ def test_slow_remote_times_out(fresh: StandIn) -> None:
 def test_schedulers_per_tier_change_the_image(tiny_model: Path) -> None:
     runner = DiffusersRunner(str(tiny_model))
     images = {
-        name: runner.generate(Generation("a kite", None, 5.0, 3, None, None, [3], name))[
-            0
-        ].tobytes()
+        name: runner.generate(
+            Generation(
+                prompt="a kite",
+                negative_prompt=None,
+                guidance_scale=5.0,
+                steps=3,
+                width=None,
+                height=None,
+                seeds=[3],
+                scheduler=name,
+            )
+        )[0].tobytes()
         for name in ("euler", "dpmpp_2m", "euler")
     }
-    again = runner.generate(Generation("a kite", None, 5.0, 3, None, None, [3], "euler"))[0]
+    again = runner.generate(
+        Generation(
+            prompt="a kite",
+            negative_prompt=None,
+            guidance_scale=5.0,
+            steps=3,
+            width=None,
+            height=None,
+            seeds=[3],
+            scheduler="euler",
+        )
+    )[0]
     assert images["euler"] != images["dpmpp_2m"] and again.tobytes() == images["euler"]
 
 

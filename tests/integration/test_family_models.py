@@ -29,7 +29,16 @@ def sd21(tiny_sd21: Path) -> DiffusersRunner:
 
 
 def pixels(runner: DiffusersRunner, seeds: list[int], scheduler: str = "euler") -> list[np.ndarray]:
-    generation = Generation("a red bicycle", None, 7.5, 2, 64, 64, seeds, scheduler)
+    generation = Generation(
+        prompt="a red bicycle",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=2,
+        width=64,
+        height=64,
+        seeds=seeds,
+        scheduler=scheduler,
+    )
     return [np.asarray(image) for image in runner.generate(generation)]
 
 
@@ -72,7 +81,18 @@ def test_v_prediction_survives_every_tier_scheduler(sd21: DiffusersRunner) -> No
     """A tier's scheduler is made from the model's own config: SD 2.1 stays v-prediction,
     and no scheduler inherits another's options (Karras sigmas) whatever the order."""
     for name in [*SCHEDULERS, "dpmpp_2m"]:
-        sd21.generate(Generation("x", None, 5.0, 1, 64, 64, [0], name))
+        sd21.generate(
+            Generation(
+                prompt="x",
+                negative_prompt=None,
+                guidance_scale=5.0,
+                steps=1,
+                width=64,
+                height=64,
+                seeds=[0],
+                scheduler=name,
+            )
+        )
         config = sd21.pipe.scheduler.config
         assert type(sd21.pipe.scheduler).__name__ == SCHEDULERS[name][0]
         assert config.prediction_type == "v_prediction", name
@@ -80,7 +100,18 @@ def test_v_prediction_survives_every_tier_scheduler(sd21: DiffusersRunner) -> No
 
 
 def test_sd15_stays_epsilon(sd15: DiffusersRunner) -> None:
-    sd15.generate(Generation("x", None, 5.0, 1, 64, 64, [0], "dpmpp_2m_karras"))
+    sd15.generate(
+        Generation(
+            prompt="x",
+            negative_prompt=None,
+            guidance_scale=5.0,
+            steps=1,
+            width=64,
+            height=64,
+            seeds=[0],
+            scheduler="dpmpp_2m_karras",
+        )
+    )
     assert sd15.pipe.scheduler.config.prediction_type == "epsilon"
 
 

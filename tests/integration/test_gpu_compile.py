@@ -73,7 +73,18 @@ def test_no_recompile_across_schedulers_image_counts_and_sizes(
         for width, height in SIZES:
             for images in (1, 2):
                 seeds = list(range(images))
-                runner.generate(Generation("a kite", None, 6.0, 2, width, height, seeds, name))
+                runner.generate(
+                    Generation(
+                        prompt="a kite",
+                        negative_prompt=None,
+                        guidance_scale=6.0,
+                        steps=2,
+                        width=width,
+                        height=height,
+                        seeds=seeds,
+                        scheduler=name,
+                    )
+                )
         if name in ("dpmpp_2m", "unipc"):
             # Not a vacuous pass: these do hand out int64 timesteps, cast before the UNet.
             assert runner.pipe.scheduler.timesteps.dtype == torch.int64
@@ -93,9 +104,33 @@ def test_other_shapes_run_eager_without_compiling(
     assert runner.compiled is not None
     start, eager_calls = graphs(), runner.compiled.eager_calls
     for generation in (
-        Generation("a kite", None, 6.0, 2, 64, 96, [5]),  # a size not warmed
-        Generation("a kite", None, 6.0, 2, 64, 64, [5, 6, 7]),  # three images
-        Generation("a kite", None, 1.0, 2, 64, 64, [5]),  # no classifier-free guidance
+        Generation(
+            prompt="a kite",
+            negative_prompt=None,
+            guidance_scale=6.0,
+            steps=2,
+            width=64,
+            height=96,
+            seeds=[5],
+        ),  # a size not warmed
+        Generation(
+            prompt="a kite",
+            negative_prompt=None,
+            guidance_scale=6.0,
+            steps=2,
+            width=64,
+            height=64,
+            seeds=[5, 6, 7],
+        ),  # three images
+        Generation(
+            prompt="a kite",
+            negative_prompt=None,
+            guidance_scale=1.0,
+            steps=2,
+            width=64,
+            height=64,
+            seeds=[5],
+        ),  # no classifier-free guidance
     ):
         got, want = pixels(runner, generation), pixels(eager, generation)
         for a, b in zip(got, want, strict=True):
@@ -108,7 +143,16 @@ def test_compiled_and_eager_paint_the_same_image(
     warmed: tuple[DiffusersRunner, int], eager: DiffusersRunner
 ) -> None:
     runner, _ = warmed
-    generation = Generation("a lighthouse", None, 7.5, 3, 96, 64, [42, 43], "dpmpp_2m")
+    generation = Generation(
+        prompt="a lighthouse",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=3,
+        width=96,
+        height=64,
+        seeds=[42, 43],
+        scheduler="dpmpp_2m",
+    )
     for a, b in zip(pixels(runner, generation), pixels(eager, generation), strict=True):
         assert a.std() > 1 and np.abs(a - b).max() <= 1
 

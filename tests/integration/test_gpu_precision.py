@@ -36,7 +36,16 @@ def bf16(tiny_model: Path) -> DiffusersRunner:
 
 
 def image(runner: DiffusersRunner, seed: int, scheduler: str = "euler") -> np.ndarray:
-    generation = Generation("a red bicycle", None, 7.5, 4, 64, 64, [seed], scheduler)
+    generation = Generation(
+        prompt="a red bicycle",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=4,
+        width=64,
+        height=64,
+        seeds=[seed],
+        scheduler=scheduler,
+    )
     return np.asarray(runner.generate(generation)[0]).astype(int)
 
 
@@ -67,7 +76,15 @@ def test_a_seed_draws_the_same_noise_in_every_dtype(
     """The initial latents: fp32 draws from the seed's CPU generator, then cast, so bf16's
     are fp32's rounded; and fp32's are the ones diffusers itself draws (every seed keeps
     the image it had before)."""
-    generation = Generation("x", None, 7.5, 2, 96, 64, [11, 12])
+    generation = Generation(
+        prompt="x",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=2,
+        width=96,
+        height=64,
+        seeds=[11, 12],
+    )
     wide = fp32._latents(fp32.pipe, generation, [11, 12])
     half = bf16._latents(bf16.pipe, generation, [11, 12])
     assert wide.dtype == torch.float32 and half.dtype == torch.bfloat16

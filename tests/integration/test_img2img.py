@@ -51,9 +51,17 @@ def img2img(
 ) -> Generation:
     width, height = size or (None, None)
     return Generation(
-        "a red kite", None, 7.5, steps, width, height, list(seeds), "euler",
-        image or picture(), strength,
-    )  # fmt: skip
+        prompt="a red kite",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=steps,
+        width=width,
+        height=height,
+        seeds=list(seeds),
+        scheduler="euler",
+        init_image=image or picture(),
+        strength=strength,
+    )
 
 
 def as_array(image: Image.Image) -> np.ndarray:
@@ -91,7 +99,18 @@ def test_output_has_the_requested_size_and_strength_matters(
     high = runner.generate(img2img(1.0, size=(96, 64)))[0]
     assert np.abs(as_array(low) - as_array(high)).mean() > 5
     # Text to image of the same seed is yet another image: the input counts.
-    plain = runner.generate(Generation("a red kite", None, 7.5, 4, 96, 64, [1], "euler"))[0]
+    plain = runner.generate(
+        Generation(
+            prompt="a red kite",
+            negative_prompt=None,
+            guidance_scale=7.5,
+            steps=4,
+            width=96,
+            height=64,
+            seeds=[1],
+            scheduler="euler",
+        )
+    )[0]
     assert np.abs(as_array(low) - as_array(plain)).mean() > 5
 
 
@@ -152,7 +171,16 @@ def test_execute_reads_its_input_from_s3(
     # What the pipeline ran, as the client would compute it: the same input, in memory.
     expected = sdxl.generate(
         Generation(
-            "a red kite, watercolor", "blurry", 7.5, 4, 96, 64, [3], "euler", picture(83, 61), 0.5
+            prompt="a red kite, watercolor",
+            negative_prompt="blurry",
+            guidance_scale=7.5,
+            steps=4,
+            width=96,
+            height=64,
+            seeds=[3],
+            scheduler="euler",
+            init_image=picture(83, 61),
+            strength=0.5,
         )
     )[0]
     with Image.open(io.BytesIO(storage.get(done.images[0].key).body)) as stored:

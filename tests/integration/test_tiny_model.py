@@ -24,7 +24,15 @@ def runner(tiny_model: Path) -> DiffusersRunner:
 def generate(
     runner: DiffusersRunner, seeds: list[int], prompt: str = "a red bicycle"
 ) -> list[np.ndarray]:
-    generation = Generation(prompt, None, 7.5, 3, None, None, seeds)
+    generation = Generation(
+        prompt=prompt,
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=3,
+        width=None,
+        height=None,
+        seeds=seeds,
+    )
     return [np.asarray(image) for image in runner.generate(generation)]
 
 
@@ -54,7 +62,16 @@ def test_other_seed_other_pixels(runner: DiffusersRunner) -> None:
 def test_steps_are_reported(runner: DiffusersRunner) -> None:
     seen: list[tuple[int, int]] = []
     runner.generate(
-        Generation("x", None, 5.0, 4, 64, 64, [0]), on_step=lambda i, n: seen.append((i, n))
+        Generation(
+            prompt="x",
+            negative_prompt=None,
+            guidance_scale=5.0,
+            steps=4,
+            width=64,
+            height=64,
+            seeds=[0],
+        ),
+        on_step=lambda i, n: seen.append((i, n)),
     )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
@@ -72,7 +89,15 @@ def test_out_of_memory_retries_one_image_a_call_with_vae_tiling(
     """CUDA out of memory once: the retry runs each image alone with the VAE tiled, and
     paints the same images; tiling is off again afterwards (issue 16: diffusers 0.42 has
     no pipe.enable_vae_tiling())."""
-    generation = Generation("a red bicycle", None, 7.5, 2, 64, 64, [5, 6])
+    generation = Generation(
+        prompt="a red bicycle",
+        negative_prompt=None,
+        guidance_scale=7.5,
+        steps=2,
+        width=64,
+        height=64,
+        seeds=[5, 6],
+    )
     expected = [np.asarray(image) for image in runner.generate(generation)]
     unet, forward = runner.pipe.unet, runner.pipe.unet.forward
     calls: list[tuple[int, bool]] = []

@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.errors import InvalidRequest
-from common.job import JobRequest, JobStatus
+from common.job import TERMINAL_EVENTS, JobRequest, JobStatus
 from common.tiers import load_tiers
 
 
@@ -50,3 +50,7 @@ def test_terminal_states() -> None:
         JobStatus.FAILED,
         JobStatus.CANCELED,
     }
+
+
+def test_terminal_events_are_the_terminal_statuses_events() -> None:
+    assert sorted(TERMINAL_EVENTS) == ["job.canceled", "job.failed", "job.succeeded"]

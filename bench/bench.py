@@ -151,7 +151,7 @@ def main() -> int:
             workers=1, visibility_timeout=3600, api_workers=args.api_workers
         )
         harness = Harness(options, Path(tmp))
-        # Its workers register the benchmark tasks (sdq.bench.*) only where asked (issue 17).
+        # Its workers register the benchmark tasks (sdq.bench.*) only where asked.
         harness.env["SDQ_BENCH"] = "1"
         receiver = Receiver()
         try:

@@ -4,19 +4,11 @@ It starts ``sdq up --detach`` on a home and loopback ports of its own (the tiny 
 ``sdq up`` builds), submits through ``POST /v1/jobs`` and follows each job's event stream, then
 stops the stack. It prints, for each case, the median and the spread (min-max) of the
 worker's time per image (``finished_at - started_at``) and of the wall time from submit to
-success. On 2 shared cores (issue 15), with the share (1 thread each) and then with
-``--threads 2``:
-
-    alone     budget         run 1.05 s (0.88-1.44)  wall 1.07 s (0.89-1.45)  7 images
-    together  budget+normal  run 1.35 s (0.99-1.77)  wall 1.37 s (1.01-1.79)  14 images
-
-    alone     budget         run 2.58 s (0.66-7.00)  wall 2.59 s (0.68-7.02)  7 images
-    together  budget+normal  run 11.24 s (4.53-21.64)  wall 11.25 s (4.55-21.67)  14 images
+success (the figures are in docs/benchmarks.md).
 
 By default each CPU worker gets the thread share ``sdq up`` gives it; ``--threads N`` sets
 SDQ_TORCH_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS to N for every worker, as an
-operator would (``--threads $(nproc)`` is torch's own default, one thread per core: the
-figure before issue 15).
+operator would (``--threads $(nproc)`` is torch's own default, one thread per core).
 
     python bench/cpu_share.py [--runs 7] [--steps 20] [--tiers budget,normal] [--threads N]
 """

@@ -1,4 +1,4 @@
-"""SDXL base on one CUDA GPU, random weights: plain diffusers against sdq's runner (issue 18).
+"""SDXL base on one CUDA GPU, random weights: plain diffusers against sdq's runner.
 
 Builds the full-size SDXL base architecture (UNet, both text encoders, VAE) from its
 published configs with random weights -- timing does not depend on weight values, and no
@@ -94,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: Dense FLOPs of one SDXL image at 1024x1024, 30 steps, with guidance (issue 18).
+#: Dense FLOPs of one SDXL image at 1024x1024, 30 steps, with guidance.
 TFLOP_PER_IMAGE = 406.0
 PROMPT = "An astronaut riding a horse on Mars"
 

@@ -1,4 +1,4 @@
-"""What ``SDQ_ENV=production`` refuses to start with (issue 17).
+"""What ``SDQ_ENV=production`` refuses to start with.
 
 Every placeholder secret the deploy files ship (``.env.example``, ``docker-compose.yml``, the
 Kubernetes Secret) and the development defaults, secrets shorter than a minimum, a Redis or
@@ -72,7 +72,7 @@ def _text(value: SecretStr | str) -> str:
 def _secret(name: str, value: SecretStr | str, minimum: int = MIN_SECRET) -> list[str]:
     text = _text(value)
     if text == DEV_S3_SECRET:
-        # The wording operators (and tests) know from before issue 17.
+        # The wording operators already know.
         return [f"{name} is the development placeholder; set a real secret in production"]
     if is_placeholder(text):
         return [f"{name} is a placeholder; {MAKE_ONE}"]

@@ -1,4 +1,4 @@
-"""Retention (issue 17): a job's objects go a TTL after it succeeded, and at once when it
+"""Retention: a job's objects go a TTL after it succeeded, and at once when it
 ends failed or canceled or is deleted.
 
 The store's terminal step (``transition.lua``) adds the job to ``EXPIRY_KEY``, scored by when

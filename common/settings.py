@@ -27,7 +27,7 @@ HOME_NAME = ".sdq"
 def default_home(cwd: Path, checkout: Path | None = _CHECKOUT) -> Path:
     """The local stack's home when SDQ_HOME is not set: the nearest ``.sdq`` folder in
     ``cwd`` or above it, stopping at the root of the editable checkout sdq runs from; else
-    that checkout's ``.sdq``; else ``cwd/.sdq`` (issue 15: `sdq down` from another folder)."""
+    that checkout's ``.sdq``; else ``cwd/.sdq`` (so `sdq down` works from another folder)."""
     if checkout is not None and not (checkout / "pyproject.toml").is_file():
         checkout = None  # an installed package (site-packages), not a checkout
     cwd = cwd.resolve()

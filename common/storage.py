@@ -18,7 +18,7 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The bucket lifecycle rule sdq keeps (issue 17); other rules of the bucket are left alone.
+#: The bucket lifecycle rule sdq keeps; other rules of the bucket are left alone.
 LIFECYCLE_RULE_ID = "sdq-images-expire"
 #: S3's DeleteObjects takes at most this many keys a call.
 _DELETE_BATCH = 1000

@@ -2,7 +2,7 @@
 
 Each problem is one line that names the setting and where its value came from: the
 environment, a line of ``.env``, or the default. The usual cause is the ``.env`` written for
-docker compose (``cp .env.example .env``) read by the development stack (issue 15).
+docker compose (``cp .env.example .env``) read by the development stack.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _check_ports(settings: Settings) -> None:
 
 def _check_hardware(settings: Settings) -> None:
     """The worker's own start-up check, made here first: in production a tier runs only on
-    the hardware classes it lists (issue 15: a compose .env says SDQ_ENV=production)."""
+    the hardware classes it lists (a compose .env says SDQ_ENV=production)."""
     if settings.hardware_override:
         return
     try:

@@ -147,7 +147,7 @@ def thread_share(settings: Settings, workers: int, cpu: bool | None = None) -> i
     one. None where the operator set SDQ_TORCH_THREADS, or the workers run on a GPU.
 
     torch starts one thread per core in every worker: two busy workers on one host then
-    thrash each other's caches, each image many times slower (issue 15)."""
+    thrash each other's caches, each image many times slower."""
     if settings.torch_threads is not None or workers == 0:
         return None
     if not (_cpu_only() if cpu is None else cpu):

@@ -1,4 +1,4 @@
-"""``torch.compile`` of the UNet that is safe in a worker (issue 18).
+"""``torch.compile`` of the UNet that is safe in a worker.
 
 A compiled graph is specialised to its input shapes and dtypes: a job at a size, an image
 count or a scheduler the warm-up did not cover used to recompile inside the job, for

@@ -188,7 +188,7 @@ GENERATION_FAILED = "internal error while generating"
 
 
 def failure(exc: SdqError) -> tuple[ErrorCode, str]:
-    """The code and plain words a job's owner gets for ``exc`` (issue 17). An invalid
+    """The code and plain words a job's owner gets for ``exc``. An invalid
     request's message is written for them; others carry where it failed (an endpoint, a
     path, a library's text), so they get their kind's words and the log gets the rest."""
     if isinstance(exc, InvalidRequest):
@@ -353,7 +353,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
 
 def discard(ctx: WorkerContext, job: Job) -> None:
     """Delete what a run uploaded for a job that ended (canceled) or was deleted meanwhile:
-    the sweeper may have swept its objects before these arrived (issue 17)."""
+    the sweeper may have swept its objects before these arrived."""
     try:
         ctx.storage.delete_prefix(job_prefix(ctx.settings.s3_prefix, job.id))
     except StorageError as exc:

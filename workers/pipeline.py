@@ -205,7 +205,7 @@ class DiffusersRunner:
         started = time.monotonic()
         if self.threads:
             # torch starts one thread per core in every worker: two busy workers on one host
-            # then thrash each other's caches, each image many times slower (issue 15).
+            # then thrash each other's caches, each image many times slower.
             torch.set_num_threads(self.threads)
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"

@@ -124,7 +124,7 @@ def pipeline_loop(images: int, steps: int, scheduler: str, reply_to: str) -> Non
 
 if get_settings().bench:
     # Benchmark tasks only where SDQ_BENCH=1 (bench/bench.py sets it): a serving fleet has
-    # no task that runs its pipeline outside a job, uncharged (issue 17).
+    # no task that runs its pipeline outside a job, uncharged.
     app.task(name="sdq.bench.noop", ignore_result=True)(noop)
     app.task(name="sdq.bench.pipeline", ignore_result=True)(pipeline_loop)
 

@@ -1,4 +1,4 @@
--- Delete an ended job and all the store keeps of it (DELETE /v1/jobs/{id}, issue 17): its
+-- Delete an ended job and all the store keeps of it (DELETE /v1/jobs/{id}): its
 -- record, its events, its webhook deliveries and their attempts, its place in its key's
 -- indexes; its objects go to the sweeper's set, due at once (common/retention.py).
 --

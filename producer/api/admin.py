@@ -97,6 +97,12 @@ _REVOKED = openapi.error(
     "API key key_0123456789abcdef was revoked: a revoked key cannot be changed",
 )
 _KEYED: openapi.Responses = {**ADMIN_ERRORS, 404: _NO_KEY}
+_PAGED: openapi.Responses = {
+    **ADMIN_ERRORS,
+    400: openapi.error(400, "A bad `limit` or `cursor`.", "cursor: not a cursor this API gave out"),
+}
+Limit = Annotated[int, Query(ge=1, le=200)]
+Cursor = Annotated[str | None, Query(max_length=64)]
 
 # The dependency on the router: no admin route can leave it out.
 router = APIRouter(prefix="/admin/v1", tags=["Admin"], dependencies=[Depends(require_admin)])
@@ -193,17 +199,12 @@ def create_key(body: NewKey, state: State, actor: Actor) -> CreatedKey:
 @router.get(
     "/keys",
     response_model=KeyPage,
-    responses={
-        **ADMIN_ERRORS,
-        400: openapi.error(
-            400, "A bad `limit` or `cursor`.", "cursor: not a cursor this API gave out"
-        ),
-    },
+    responses=_PAGED,
 )
 def list_keys(
     state: State,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> KeyPage:
     """Every key, newest first, paged: pass `next_cursor` back as `cursor`."""
     found, next_cursor = state.keys.page(limit=limit, cursor=cursor)
@@ -289,17 +290,12 @@ def fleet_usage(state: State, days: Days) -> Report:
 @router.get(
     "/audit",
     response_model=AuditPage,
-    responses={
-        **ADMIN_ERRORS,
-        400: openapi.error(
-            400, "A bad `limit` or `cursor`.", "cursor: not a cursor this API gave out"
-        ),
-    },
+    responses=_PAGED,
 )
 def audit_log(
     state: State,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> AuditPage:
     """Every change made to keys by operators (admin API or CLI), newest first: when, what,
     which key, who, and what changed (never a secret). The newest 10,000 are kept."""

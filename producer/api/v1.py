@@ -13,7 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from common.job import Job, JobRequest, JobStatus
+from common.job import TERMINAL_EVENTS, Job, JobRequest, JobStatus
 from common.keys import ApiKey
 from producer.api import openapi
 from producer.api.deps import EventHub, Key, State
@@ -348,7 +348,7 @@ def _sse(event: dict[str, Any]) -> ServerSentEvent:
 
 
 def _terminal(event: dict[str, Any]) -> bool:
-    return event["type"] in ("job.succeeded", "job.failed", "job.canceled")
+    return event["type"] in TERMINAL_EVENTS
 
 
 @router.post(

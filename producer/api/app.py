@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -99,10 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threading.Thread(target=reconcile, args=(stop,), name="reconciler", daemon=True).start()
         metrics_server = None
         if settings.metrics_port is not None:
-            # Its own port, for a scraper on a network the API's clients cannot reach.
-            metrics_server, _ = start_http_server(
-                settings.metrics_port, addr=settings.api_host, registry=registry
-            )
+            metrics_server = serve_metrics(settings.metrics_port, settings, registry)
         await hub.start()
         yield
         await hub.stop()
@@ -138,6 +136,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_port is None:
         add_metrics_route(app, registry, settings)
     return app
+
+
+def serve_metrics(port: int, settings: Settings, registry: CollectorRegistry) -> Any:
+    """Metrics on ``SDQ_METRICS_PORT``, for a scraper on a network the API's clients cannot
+    reach. With several API worker processes the first to bind it serves the whole fleet's
+    figures (they are read from Redis); the others go on without it."""
+    try:
+        server, _ = start_http_server(port, addr=settings.api_host, registry=registry)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # Another API worker process, or else something else: say which port, loudly.
+        log.warning("SDQ_METRICS_PORT %s is in use: not serving the metrics here", port)
+        return None
+    return server
 
 
 def add_metrics_route(app: FastAPI, registry: CollectorRegistry, settings: Settings) -> None:

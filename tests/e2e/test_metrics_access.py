@@ -115,12 +115,6 @@ def test_a_metrics_port_of_their_own(port_api: tuple[str, int]) -> None:
     assert FLEET in families(own.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="each uvicorn worker process binds SDQ_METRICS_PORT in its lifespan: the second "
-    "fails with EADDRINUSE and uvicorn stops the whole API (producer/api/app.py)",
-)
 def test_a_metrics_port_with_several_api_workers(env: dict[str, str], workdir: Path) -> None:
     """`sdq api --workers 2` with SDQ_METRICS_PORT: one port, served once, and the API up."""
     port, metrics_port = free_port(), free_port()

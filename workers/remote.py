@@ -21,6 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
+from common import hotpot
 from common.errors import RemoteApiError
 from common.http import retry_after
 from common.settings import Settings
@@ -70,13 +71,6 @@ class CircuitBreaker:
             self.failures += 1
             if self.failures >= self.threshold:
                 self.opened_at = time.monotonic()
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("message", response.text))
-    except ValueError:
-        return response.text[:200]
 
 
 class HotpotClient:
@@ -143,10 +137,11 @@ class HotpotClient:
         except httpx.HTTPError as exc:
             raise RetryableRemoteError(f"remote API unreachable: {exc}") from exc
         if response.status_code == 200:
-            credits = response.headers.get("x-api-credits-left")
+            credits = response.headers.get(hotpot.CREDITS_HEADER)
             self.credits_left = int(credits) if credits and credits.isdigit() else None
             return response.content
-        message = f"remote API answered {response.status_code}: {_message(response)}"
+        reason = hotpot.error_message(response.content)
+        message = f"remote API answered {response.status_code}: {reason}"
         if response.status_code == 429 or response.status_code >= 500:
             log.warning("%s; retrying", message)
             raise RetryableRemoteError(message, retry_after(response.headers.get("retry-after")))
@@ -176,17 +171,16 @@ class RemoteRunner:
         if self.deadline_seconds is not None:
             deadline = time.monotonic() + self.deadline_seconds
         for seed in generation.seeds:
-            fields = {
-                "inputText": generation.prompt,
-                "guidanceScale": str(generation.guidance_scale),
-                "seed": str(seed),
-                "steps": str(generation.steps),
-                "outputFormat": "png",  # lossless: the worker encodes the job's format
-            }
-            if generation.negative_prompt:
-                fields["negativePrompt"] = generation.negative_prompt
+            fields = hotpot.form(
+                prompt=generation.prompt,
+                guidance_scale=generation.guidance_scale,
+                seed=seed,
+                steps=generation.steps,
+                output_format="png",  # lossless: the worker encodes the job's format
+                negative_prompt=generation.negative_prompt,
+            )
             if generation.width and generation.height:
-                fields["width"], fields["height"] = str(generation.width), str(generation.height)
+                fields |= hotpot.form(width=generation.width, height=generation.height)
             body = self.client.generate(fields, deadline)
             try:
                 image = Image.open(io.BytesIO(body))

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from common.errors import InvalidRequest, RateLimited, SdqError
+from common.hotpot import error_body
 from common.job import JobRequest
 from common.tiers import Tier, Tiers
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 class ErrorBody(JSONResponse):
     def __init__(self, status: int, message: str, **details: object) -> None:
-        super().__init__({"code": status, "message": message, **details}, status_code=status)
+        super().__init__(error_body(status, message, **details), status_code=status)
 
 
 #: Where a request's location names no field.

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from common.errors import InvalidRequest, SdqError
+from common.hotpot import ART_FIELDS, CREDITS_HEADER, FIELDS, HOTPOT_NAMES, IMAGE_FIELD
 from common.job import JobRequest, JobStatus
 from common.settings import Settings
 from common.tiers import Tiers
@@ -28,42 +29,10 @@ from producer.api.errors import describe
 from producer.images import InitImage
 from producer.waiter import wait_for_end
 
-#: Hotpot's field names -> sdq's, on the Stable Diffusion endpoints.
-FIELDS = {
-    "inputText": "prompt",
-    "guidanceScale": "guidance_scale",
-    "negativePrompt": "negative_prompt",
-    "seed": "seed",
-    "width": "width",
-    "height": "height",
-    "steps": "steps",
-    "outputFormat": "output_format",
-    "styleId": "style",
-    "model": "model",
-    "promptStrength": "strength",
-}
-#: The Image Generator's (``/make-art``): no steps or model, the art tier chooses.
-ART_FIELDS = {
-    name: FIELDS[name]
-    for name in (
-        "inputText",
-        "styleId",
-        "negativePrompt",
-        "promptStrength",
-        "width",
-        "height",
-        "seed",
-        "guidanceScale",
-        "outputFormat",
-    )
-}
-#: The input image of image-to-image: a file part of image bytes, or base64 text.
-IMAGE_FIELD = "seedImage"
 #: A file part that is base64 text (perhaps a data: URL) rather than image bytes.
 _BASE64 = re.compile(rb"\s*(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=_\-\s]*")
 #: The tier ``/make-art`` runs on; it has no ``/stable-diffusion-`` endpoint of its own.
 ART_TIER = "art"
-_HOTPOT_NAMES = {ours: theirs for theirs, ours in FIELDS.items()} | {"init_image": IMAGE_FIELD}
 _FORMATS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
 
 _PROPERTIES: dict[str, Any] = {
@@ -123,7 +92,7 @@ _RESPONSES: openapi.Responses = {
         "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
         "description": "The image; `X-API-Credits-Left` tells the credits left.",
         "headers": {
-            "X-API-Credits-Left": {
+            CREDITS_HEADER: {
                 "description": "The key's credits after this image.",
                 "schema": {"type": "integer"},
             },
@@ -293,7 +262,7 @@ def to_request(
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(describe(exc, _HOTPOT_NAMES, tiers=tiers, body=data)) from None
+        raise InvalidRequest(describe(exc, HOTPOT_NAMES, tiers=tiers, body=data)) from None
 
 
 def _endpoint(tier: str, names: dict[str, str]) -> Any:
@@ -330,7 +299,7 @@ def _endpoint(tier: str, names: dict[str, str]) -> Any:
             content=blob.body,
             media_type=image.content_type,
             headers={
-                "X-API-Credits-Left": str(credits),
+                CREDITS_HEADER: str(credits),
                 "X-Job-Id": job.id,
                 "X-Seed": str(image.seed),
             },

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         "auto", description="remote: serve from the tier's remote API only (no model)."
     )
     torch_compile: bool = False
+    overlap_upload: bool | None = Field(
+        None,
+        description="Encode and upload a job's images on a thread while the pipeline runs the "
+        "next job; default: on where the model runs on a CUDA device.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

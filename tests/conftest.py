@@ -216,12 +216,14 @@ def sd15_worker(
     env: dict[str, str], workdir: Path, storage: S3Storage, tiny_sd15: Path, tiny_sd21: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A second real worker: the sd15 queues of budget and normal (`--model sd15`), loading
-    the tiny SD 1.5 pipeline through SDQ_MODEL_SOURCES."""
+    the tiny SD 1.5 pipeline through SDQ_MODEL_SOURCES; it uploads on its finisher's thread,
+    as a GPU worker does (SDQ_OVERLAP_UPLOAD)."""
     log = workdir / "worker-sd15.log"
     argv = [sys.executable, "-m", "producer.cli", "worker"]
     argv += ["--tier", "budget", "--tier", "normal", "--model", "sd15"]
     sources = {"sd15": str(tiny_sd15), "sd21": str(tiny_sd21)}
-    proc = spawn(argv, log, {**env, "SDQ_MODEL_SOURCES": json.dumps(sources)})
+    extra = {"SDQ_MODEL_SOURCES": json.dumps(sources), "SDQ_OVERLAP_UPLOAD": "1"}
+    proc = spawn(argv, log, {**env, **extra})
     wait_until(lambda: "ready." in log.read_text(errors="replace"), 90, "sd15 worker", proc, log)
     yield proc
     stop(proc)

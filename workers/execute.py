@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from common.store import JobStore
 from common.styles import Styles, load_styles
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.encode import encode
+from workers.finisher import Finisher
 from workers.lease import Lease
 from workers.pipeline import CudaOutOfMemory, Generation, StepCallback
 from workers.progress import Canceled, StepReporter
@@ -77,6 +79,10 @@ class WorkerContext:
     metrics: Recorder | None = None
     model: str = "sdxl"
     styles: Styles = field(default_factory=load_styles)
+    #: Where jobs go to be encoded, uploaded and ended while the pipeline runs the next;
+    #: ``None`` finishes each job inside its own task. Its thread has its own recorder.
+    finisher: Finisher | None = None
+    finisher_metrics: Recorder | None = None
 
 
 def generation_for(
@@ -223,8 +229,9 @@ def take_and_execute(
 
 
 def execute(ctx: WorkerContext, job_id: str) -> JobStatus | None:
-    """Run a job to a terminal state; returns the state it ended in (``None`` when another
-    run holds it). Every store error, at any step, raises ``StoreUnavailable``."""
+    """Run a job to a terminal state; returns the state it ended in, or ``running`` when it
+    went to ``ctx.finisher`` to be uploaded and ended there. Every store error, at any step
+    before that, raises ``StoreUnavailable``."""
     try:
         if ctx.metrics is None:
             return run(ctx, job_id, None)
@@ -289,8 +296,9 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
 
     try:
         runner, reason = choose_runner(ctx, job, tier, waited)
-        clock = time.monotonic()
-        with Lease(ctx.store, job.id, started.attempts) as lease:
+        began = time.monotonic()
+        with ExitStack() as held:
+            lease = held.enter_context(Lease(ctx.store, job.id, started.attempts))
             init_image = read_init_image(ctx, job)
             generation = generation_for(job, scheduler_for(ctx, job, tier), init_image)
             with StepReporter(ctx.store, job, lease=lease) as on_step:
@@ -305,50 +313,114 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
                     )
                     images = runner.generate(generation, on_step)
             # Leaving the block sent the last steps: before the job's terminal event.
-            generated = time.monotonic()
-            results = upload(ctx, runner, job, images, generation.seeds)
-            uploaded = time.monotonic()
-    except Canceled:
-        log.info("job %s: canceled, or taken over, while running; stopped", job_id)
+            done = Generated(
+                job=job,
+                runner=runner,
+                reason=reason,
+                images=images,
+                seeds=generation.seeds,
+                waited=waited,
+                began=began,
+                generated=time.monotonic(),
+            )
+            if ctx.finisher is None:
+                return finish(ctx, done, metrics)
+            # The lease goes with the job: released once it is finished there.
+            lease_held = held.pop_all()
+    except Exception as exc:
+        return ended_by(ctx, job, tier, exc)
+    ctx.finisher.submit(lambda: finish_later(ctx, done, lease_held))
+    return JobStatus.RUNNING
+
+
+def ended_by(ctx: WorkerContext, job: Job, tier: Tier | None, exc: Exception) -> JobStatus:
+    """End ``job`` for what stopped its run: canceled (already ended by whoever canceled
+    it), or failed with its refund. A store error is the store's, not the job's: raised on,
+    for the message to be requeued."""
+    if isinstance(exc, Canceled):
+        log.info("job %s: canceled, or taken over, while running; stopped", job.id)
         return JobStatus.CANCELED
-    except SoftTimeLimitExceeded:
+    if isinstance(exc, RedisError):
+        raise exc
+    if isinstance(exc, SoftTimeLimitExceeded) and tier is not None:
         _, soft = time_limits(tier, ctx.settings)
         message = f"ran past the tier's time limit of {soft:.0f}s"
-        log.error("job %s: %s", job_id, message)
+        log.error("job %s: %s", job.id, message)
         ctx.store.fail(job, message, code=ErrorCode.TIMED_OUT)
-        return JobStatus.FAILED
-    except SdqError as exc:
-        log.error("job %s failed: %s", job_id, exc.message)
+    elif isinstance(exc, SdqError):
+        log.error("job %s failed: %s", job.id, exc.message)
         code, text = failure(exc)
         ctx.store.fail(job, text, code=code)
-        return JobStatus.FAILED
-    except RedisError:
-        raise  # the store, not the job: requeued by the caller
-    except Exception:
-        log.exception("job %s failed", job_id)
+    else:
+        log.error("job %s failed", job.id, exc_info=exc)
         ctx.store.fail(job, GENERATION_FAILED, code=ErrorCode.GENERATION_FAILED)
-        return JobStatus.FAILED
+    return JobStatus.FAILED
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generated:
+    """A job's images, fresh from its runner, and what finishing it needs."""
+
+    job: Job
+    runner: Runner
+    #: Why a remote API ran it, or ``None``.
+    reason: str | None
+    images: list[Image.Image]
+    seeds: list[int]
+    #: Seconds it waited in the queue, by the store's clock.
+    waited: float
+    #: ``time.monotonic()`` when its run began, and when its images were ready.
+    began: float
+    generated: float
+
+
+def finish(ctx: WorkerContext, done: Generated, metrics: Recorder | None) -> JobStatus:
+    """Encode and upload a job's images, then end it succeeded, unless it ended meanwhile
+    (canceled, deleted): then what was uploaded goes. Raises what stopped it."""
+    job, runner = done.job, done.runner
+    results = upload(ctx, runner, job, done.images, done.seeds)
+    uploaded = time.monotonic()
     try:
         outcome = ctx.store.succeed(
-            job, results, backend=runner.backend, model=runner.model_name, remote_reason=reason
+            job, results, backend=runner.backend, model=runner.model_name, remote_reason=done.reason
         )
     except NotFound:
-        log.info("job %s finished but was deleted meanwhile", job_id)
+        log.info("job %s finished but was deleted meanwhile", job.id)
         discard(ctx, job)
         return JobStatus.CANCELED
     if not outcome.applied:
-        log.info("job %s finished but is already %s", job_id, outcome.current.value)
+        log.info("job %s finished but is already %s", job.id, outcome.current.value)
         if outcome.current in (JobStatus.CANCELED, JobStatus.FAILED):
             discard(ctx, job)  # not when queued again or succeeded: another run owns the keys
         return outcome.current
     if metrics:
         labels = {"tier": job.tier, "backend": runner.backend}
-        metrics.observe("sdq_generation_seconds", generated - clock, **labels)
-        metrics.observe("sdq_upload_seconds", uploaded - generated, tier=job.tier)
-        metrics.observe("sdq_job_duration_seconds", waited + uploaded - clock, **labels)
-        if reason is not None:
-            metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=reason)
+        metrics.observe("sdq_generation_seconds", done.generated - done.began, **labels)
+        metrics.observe("sdq_upload_seconds", uploaded - done.generated, tier=job.tier)
+        metrics.observe("sdq_job_duration_seconds", done.waited + uploaded - done.began, **labels)
+        if done.reason is not None:
+            metrics.inc("sdq_remote_fallbacks_total", tier=job.tier, reason=done.reason)
     return JobStatus.SUCCEEDED
+
+
+def finish_later(ctx: WorkerContext, done: Generated, lease: ExitStack) -> JobStatus | None:
+    """``finish`` on the finisher's thread, its lease held until the job has ended. A store
+    error leaves the job running: its lease runs out and the reconciler requeues it."""
+    with lease:
+        try:
+            if ctx.finisher_metrics is None:
+                return finish(ctx, done, None)
+            with ctx.finisher_metrics.batch() as metrics:
+                return finish(ctx, done, metrics)
+        except RedisError as exc:
+            log.error("job %s: the job store failed while finishing it: %s", done.job.id, exc)
+            return None
+        except Exception as exc:
+            try:
+                return ended_by(ctx, done.job, None, exc)
+            except RedisError as again:
+                log.error("job %s: the job store failed while failing it: %s", done.job.id, again)
+                return None
 
 
 def discard(ctx: WorkerContext, job: Job) -> None:

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore, Reject
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from common.errors import ModelLoadError
 from common.job import JobStatus
@@ -23,6 +23,7 @@ from common.styles import load_styles
 from common.tiers import load_tiers
 from workers.celery_app import app
 from workers.execute import StoreUnavailable, WorkerContext, take_and_execute
+from workers.finisher import Finisher
 from workers.pipeline import DiffusersRunner, Generation
 from workers.remote import RemoteRunners
 
@@ -81,7 +82,8 @@ def context() -> WorkerContext:
 @worker_process_init.connect
 def load_model(**_: Any) -> None:
     """Load the pipeline in each pool child, after the fork (CUDA does not survive fork)."""
-    runner = context().local
+    ctx = context()
+    runner = ctx.local
     if isinstance(runner, DiffusersRunner):
         try:
             runner.load()
@@ -89,6 +91,22 @@ def load_model(**_: Any) -> None:
             # Jobs now fail with this message (refunded), or go to the tier's remote API
             # where its load_failed policy allows.
             log.error("%s", exc.message)
+    overlap = ctx.settings.overlap_upload
+    if overlap is None:
+        overlap = isinstance(runner, DiffusersRunner) and runner.device == "cuda"
+    if overlap:
+        # The GPU starts the next job while this one's images are encoded and uploaded.
+        ctx.finisher = Finisher()
+        ctx.finisher_metrics = Recorder(connect(ctx.settings.redis_url))
+
+
+@worker_process_shutdown.connect
+def finish_jobs(**_: Any) -> None:
+    """A pool child about to exit finishes the jobs it handed over; any it cannot in time
+    keep their lease only until it runs out, and are requeued."""
+    finisher = _context.finisher if _context is not None else None
+    if finisher is not None and not finisher.drain(get_settings().upload_retry_seconds + 10):
+        log.warning("exiting with jobs not finished: they run again once their leases end")
 
 
 def noop(sent_at: float) -> None:
@@ -172,4 +190,6 @@ def generate(self: Task, job_id: str) -> str | None:
         except Exception:  # the job ended; only its message for Flower is missing
             error = None
         raise JobFailed(f"{ran_id} failed: {error or 'see its record'}")
+    if ended is JobStatus.RUNNING:
+        return f"{ran_id} generated: its images are being uploaded"
     return f"{ran_id} {'still running elsewhere' if ended is None else ended.value}"

@@ -15,6 +15,12 @@ class JobView(Job):
 
     key_id: str = Field("", exclude=True)
     credits_left: int | None = Field(None, description="The key's credits after this call.")
+    images_expire_at: float | None = Field(
+        None,
+        description="When its images are deleted and their URLs stop working (seconds since "
+        "the epoch, `SDQ_IMAGE_TTL_SECONDS` after it succeeded); past it, `url` is null. Null "
+        "until the job has succeeded.",
+    )
     webhooks: list[Delivery] = Field(default_factory=list)
 
 

@@ -75,12 +75,19 @@ class BatchRequest(BaseModel):
 def view(
     state: AppState, job: Job, credits_left: int | None = None, *, webhooks: bool = False
 ) -> JobView:
+    expire_at = None
+    if job.status is JobStatus.SUCCEEDED and job.finished_at is not None:
+        expire_at = job.finished_at + state.settings.effective_image_ttl
+    # Past its TTL an image is swept, or about to be: no URL that would answer 404.
+    live = expire_at is None or expire_at > time.time()
     images = [
-        image.model_copy(update={"url": state.storage.url(image.key)}) for image in job.images
+        image.model_copy(update={"url": state.storage.url(image.key) if live else None})
+        for image in job.images
     ]
     deliveries = state.deliveries.for_job(job.id) if webhooks else []
     data = job.model_dump() | {
         "images": images,
+        "images_expire_at": expire_at,
         "credits_left": credits_left,
         "webhooks": deliveries,
     }

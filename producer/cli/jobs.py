@@ -138,8 +138,10 @@ def submit(
                 raise fail(f"job {job.id} {job.status.value}: {job.error or ''}")
             if output is not None:
                 for image in job.images:
+                    if image.url is None:
+                        raise fail(f"job {job.id}: its images have expired and were deleted")
                     path = output if image.index == 0 else _numbered(output, image.index)
-                    path.write_bytes(client.download(image.url or ""))
+                    path.write_bytes(client.download(image.url))
                     err.print(f"saved {path}")
     typer.echo(job.model_dump_json(indent=2))
 
@@ -335,7 +337,8 @@ def _job_rows(job: JobView) -> list[tuple[str, str]]:
         rows.append(("finished", f"{_when(job.finished_at)} ({took:.1f} s after submit)"))
     if job.error:
         rows.append(("error", job.error))
-    rows += [(f"image {image.index}", image.url or image.key) for image in job.images]
+    for image in job.images:
+        rows.append((f"image {image.index}", image.url or f"{image.key} (expired, deleted)"))
     return rows
 
 

@@ -99,6 +99,10 @@ function imageOf(job) {
 }
 
 function figureContent(job, image) {
+  if (!image.url) {
+    const gone = `Seed ${image.seed}, ${image.width}×${image.height} px: this image has expired and was deleted.`;
+    return [element("figcaption", {}, gone)];
+  }
   const picture = element("img", {
     src: image.url,
     alt: `Generated image: ${job.request.prompt}`,
@@ -180,7 +184,7 @@ async function cancel(job) {
 function thumbnail(job) {
   const image = imageOf(job);
   const label = `${job.status}: ${job.request.prompt}`;
-  const inner = image
+  const inner = image && image.url
     ? element("img", { src: image.url, alt: label, loading: "lazy", width: image.width, height: image.height })
     : element("span", { className: "placeholder", textContent: label });
   const open = element("button", { type: "button", className: "thumb", title: label }, inner);

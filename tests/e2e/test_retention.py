@@ -268,6 +268,7 @@ def test_a_succeeded_jobs_images_go_after_the_ttl(
     assert stored == sorted(image["key"] for image in job["images"]) and len(stored) == 2
     url = job["images"][0]["url"]
     assert httpx.get(url, timeout=30).status_code == 200
+    assert job["images_expire_at"] == pytest.approx(job["finished_at"] + TTL)
 
     # Gone within a few rounds of the TTL, and not before it: polled, the first listing
     # that finds nothing is at least TTL after the job ended.
@@ -281,3 +282,6 @@ def test_a_succeeded_jobs_images_go_after_the_ttl(
     after = call(short_ttl.url, "GET", f"/v1/jobs/{job['id']}", key)
     assert after.status_code == 200 and after.json()["status"] == "succeeded"
     assert [i["sha256"] for i in after.json()["images"]] == [i["sha256"] for i in job["images"]]
+    # ...and hands out no URL for what is gone.
+    assert [i["url"] for i in after.json()["images"]] == [None, None]
+    assert after.json()["images_expire_at"] == job["images_expire_at"]

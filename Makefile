@@ -47,8 +47,7 @@ test: lint typecheck
 	@if $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null; then \
 		echo "RabbitMQ answers on 127.0.0.1:5672: the tests whose path crosses the broker, again with it"; \
 		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest tests/e2e/test_broker.py \
-			tests/e2e/test_store_outage.py tests/e2e/test_async_api.py tests/e2e/test_hotpot.py \
-			tests/e2e/test_poison.py; \
+			tests/e2e/test_store_outage.py tests/e2e/test_async_api.py tests/e2e/test_poison.py; \
 	else \
 		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; \
 	fi

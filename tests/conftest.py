@@ -68,6 +68,13 @@ def tiny_sd21(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_models(tiny_sd15: Path, tiny_sd21: Path) -> dict[str, Path]:
+    """The session's tiny SD 1.5 and 2.1, for stacks of their own whose test is not the
+    build (``sdq up`` builds its own otherwise)."""
+    return {"sd15": tiny_sd15, "sd21": tiny_sd21}
+
+
+@pytest.fixture(scope="session")
 def redis_url(workdir: Path) -> Iterator[str]:
     port = free_port()
     data = workdir / "valkey"

@@ -18,9 +18,11 @@ def queued_job(
     seed: int = 1,
     steps: int = 2,
     age: float = 0.0,
+    model_id: str = "sdxl",
     **fields: Any,
 ) -> Job:
-    """A queued job of a new key with ``credits``, charged 2 credits an image."""
+    """A queued job of a new key with ``credits``, charged 2 credits an image, on the queue
+    of ``model_id`` (the session's workers serve sdxl and sd15: sd21's stays unserved)."""
     request = JobRequest.model_validate({"prompt": "a red kite", **fields})
     job = Job(
         id=new_job_id(),
@@ -32,6 +34,7 @@ def queued_job(
         steps=steps,
         cost=2 * request.num_images,
         created_at=now() - age,
+        model_id=model_id,
     )
     store.create([job])
     if age:

@@ -96,9 +96,11 @@ def _ready(name: str) -> None:
 
 
 def _build_tiny_model(settings: Settings) -> None:
-    """Build the tiny pipeline of each model that would load one (no source of its own)."""
+    """Build the tiny pipeline of each model that would load one (no source of its own),
+    side by side: each build is mostly one process importing torch."""
     from common.models import load_models
 
+    builds = []
     for model in load_models(settings.models_file):
         directory = settings.tiny_dir(model.family)
         if settings.model_source(model) != str(directory):
@@ -108,11 +110,14 @@ def _build_tiny_model(settings: Settings) -> None:
         err.print(f"building the tiny {model.family} model in {directory} ...")
         build = [sys.executable, "-m", "producer.cli", "models", "build-tiny"]
         # Its stdout is a line for scripts (the model's path as JSON); not for this terminal.
-        done = subprocess.run(
-            [*build, str(directory), "--family", model.family], stdout=subprocess.DEVNULL
+        builds.append(
+            subprocess.Popen(
+                [*build, str(directory), "--family", model.family], stdout=subprocess.DEVNULL
+            )
         )
-        if done.returncode != 0:
-            raise fail(f"building the tiny model failed (status {done.returncode})")
+    failed = [done.returncode for done in builds if done.wait() != 0]
+    if failed:
+        raise fail(f"building the tiny model failed (status {failed[0]})")
 
 
 def _log_to_file(stack: Stack) -> None:

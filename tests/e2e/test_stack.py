@@ -54,9 +54,12 @@ def check_flower(port: int, job_id: str) -> None:
     assert "astronaut" not in json.dumps(tasks).lower()
 
 
-def stack_env(home: Path | None, model: Path | None) -> dict[str, str]:
+def stack_env(
+    home: Path | None, model: Path | None, others: dict[str, Path] | None = None
+) -> dict[str, str]:
     """The environment of a stack of its own: free loopback ports, no SDQ_ variable of the
-    caller's; SDQ_HOME and SDQ_MODEL only where given."""
+    caller's; SDQ_HOME and SDQ_MODEL only where given, and the session's tiny pipelines of
+    the other models as ``others`` (``sdq up`` builds its own otherwise)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
     env.update(
         SDQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
@@ -68,13 +71,15 @@ def stack_env(home: Path | None, model: Path | None) -> dict[str, str]:
         env["SDQ_HOME"] = str(home)
     if model is not None:
         env["SDQ_MODEL"] = str(model)
+    if others:
+        env["SDQ_MODEL_SOURCES"] = json.dumps({name: str(path) for name, path in others.items()})
     return env
 
 
 def test_up_serves_the_seed_request_and_down_leaves_nothing(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, other_models: dict[str, Path]
 ) -> None:
-    env = stack_env(tmp_path / "home", tiny_model)
+    env = stack_env(tmp_path / "home", tiny_model, other_models)
     api_port, flower_port = int(env["SDQ_API_PORT"]), int(env["SDQ_FLOWER_PORT"])
     s3_port = int(env["SDQ_S3_ENDPOINT_URL"].rsplit(":", 1)[1])
     up = subprocess.run(

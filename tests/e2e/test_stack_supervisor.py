@@ -41,13 +41,13 @@ def answers(url: str) -> bool:
 
 @pytest.mark.timeout(300)
 def test_a_killed_api_is_restarted_and_down_from_a_subfolder_stops_everything(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, other_models: dict[str, Path]
 ) -> None:
     project = tmp_path / "project"
     subfolder = project / "docs" / "deep"
     subfolder.mkdir(parents=True)
     home = project / ".sdq"
-    env = stack_env(home, tiny_model)
+    env = stack_env(home, tiny_model, other_models)
     api = f"http://127.0.0.1:{env['SDQ_API_PORT']}"
     up = subprocess.run(
         [*SDQ, "up", "--detach"], env=env, cwd=project, capture_output=True, text=True, timeout=240
@@ -109,10 +109,10 @@ def test_a_killed_api_is_restarted_and_down_from_a_subfolder_stops_everything(
 
 @pytest.mark.timeout(300)
 def test_foreground_up_restarts_a_killed_worker_and_ctrl_c_stops_it(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, other_models: dict[str, Path]
 ) -> None:
     home = tmp_path / "home"
-    env = stack_env(home, tiny_model)
+    env = stack_env(home, tiny_model, other_models)
     output = tmp_path / "up.log"
     with open(output, "wb") as out:
         up = subprocess.Popen(

@@ -22,7 +22,9 @@ from tests.factories import queued_job
 
 
 def queued(store: JobStore, keys: KeyStore) -> Job:
-    return queued_job(store, keys, prompt="x")
+    # On a queue no session worker serves: the reconciler of an API started by another test
+    # sends it a message, and it must still be queued when a wait times out.
+    return queued_job(store, keys, prompt="x", model_id="sd21")
 
 
 def with_hub(

@@ -589,9 +589,11 @@ def run(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> int:
         paced.insert(0, Work([len(bodies) - 1]))
     harness.submit = submit = submitter(harness.api_url, key, bodies)
     done = threading.Event()
-    # Spread the submits and the faults over about the time the jobs take, so that faults
-    # land on busy workers: two workers of one torch thread each, about 0.5 s a job.
-    span = max(10.0, args.jobs * 0.25)
+    # Spread the submits and the faults over twice the time the jobs take (two workers of
+    # one torch thread each, about 0.5 s a job), so that faults land on busy workers and the
+    # backlog at the last fault is the faults' doing: 60 s after it then measures stuck jobs,
+    # not how fast this machine drains a queue submitted at its full rate.
+    span = max(10.0, args.jobs * 0.5)
     faults = threading.Thread(target=harness.run_faults, args=(span, done), daemon=True)
     faults.start()
     threading.Thread(target=harness.supervise, args=(done,), daemon=True).start()

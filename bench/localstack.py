@@ -165,8 +165,14 @@ class LocalStack:
 
     def start_s3(self, timeout: float = 60) -> None:
         argv = weed_argv(self.weed_ports, self.home / "weed", self.s3_access, self.s3_secret)
-        self.spawn("weed", argv)
-        wait_until(lambda: S3Storage(self.settings).ensure_bucket() is None, timeout, "seaweedfs")
+        proc = self.spawn("weed", argv)
+        wait_until(
+            lambda: S3Storage(self.settings).ensure_bucket() is None,
+            timeout,
+            "seaweedfs",
+            proc,
+            self.home / "weed.log",
+        )
 
     def start_api(self, workers: int = 1, timeout: float = 60) -> None:
         self.spawn("api", [*SDQ, "api", "--port", str(self.api_port), "--workers", str(workers)])

@@ -218,8 +218,8 @@ function details(job) {
     element("dt", { textContent: name }),
     element("dd", { textContent: value }),
   ]));
-  const figure = image ? element("figure", {}, ...figureContent(job, image)) : null;
-  return [list, figure].filter(Boolean);
+  const figures = (job.images || []).map((each) => element("figure", {}, ...figureContent(job, each)));
+  return [list, ...figures];
 }
 
 async function openDetails(id) {

@@ -150,7 +150,7 @@ def main() -> int:
         options = argparse.Namespace(
             workers=1, visibility_timeout=3600, api_workers=args.api_workers
         )
-        harness = Harness(options, Path(tmp))
+        harness = Harness(options, Path(tmp), None)
         # Its workers register the benchmark tasks (sdq.bench.*) only where asked.
         harness.env["SDQ_BENCH"] = "1"
         receiver = Receiver()

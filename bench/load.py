@@ -79,7 +79,7 @@ def main() -> int:
         options = argparse.Namespace(
             workers=0, visibility_timeout=3600, api_workers=args.api_workers
         )
-        harness = Harness(options, Path(tmp))
+        harness = Harness(options, Path(tmp), None)
         try:
             harness.start()
             client = connect(harness.redis_url)

@@ -1,7 +1,9 @@
-"""bench/gpu_sdxl.py: refuses clearly without CUDA; its code runs (on a tiny model)."""
+"""The benchmark scripts run: bench/gpu_sdxl.py refuses clearly without CUDA, and the CPU
+bench and the load script finish with figures on the smallest counts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +18,28 @@ def test_refuses_without_cuda() -> None:
     assert result.returncode == 2
     assert "needs" not in result.stdout
     assert "torch.cuda.is_available() is False" in result.stderr
+
+
+def test_the_cpu_bench_runs_and_writes_its_figures(tmp_path: Path) -> None:
+    """`make bench` with the smallest counts: it starts its stack, measures every part and
+    writes figures that are rates and ratios, not errors."""
+    out = tmp_path / "results.json"
+    argv = [sys.executable, "bench/bench.py", "--samples", "3", "--submits", "40"]
+    argv += ["--images", "12", "--api-workers", "1", "--out", str(out)]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["throughput"]["sdq_images_per_s"] > 0
+    assert 0 < figures["throughput"]["ratio"] < 2
+    assert figures["submit_rate"]["sdq_per_s"] > 0
+    assert figures["queue_overhead"]["sdq_p99_s"] > 0
+    assert "| measure | sdq | baseline | ratio | goal |" in result.stdout
+
+
+def test_the_load_script_submits_and_loses_nothing() -> None:
+    argv = [sys.executable, "bench/load.py", "--rate", "20", "--duration", "2"]
+    argv += ["--api-workers", "1"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "errors: 0 (0.00%)" in result.stdout
+    assert ": 0 lost" in result.stdout

@@ -37,7 +37,7 @@ from celery import Celery
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.chaos import Harness  # noqa: E402
+from bench.chaos import Harness, plain_options  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
 from common.queue import make_celery  # noqa: E402
 from common.redis import connect  # noqa: E402
@@ -147,10 +147,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdq-bench-") as tmp:
-        options = argparse.Namespace(
-            workers=1, visibility_timeout=3600, api_workers=args.api_workers
-        )
-        harness = Harness(options, Path(tmp), None)
+        harness = Harness(plain_options(1, args.api_workers), Path(tmp), None)
         # Its workers register the benchmark tasks (sdq.bench.*) only where asked.
         harness.env["SDQ_BENCH"] = "1"
         receiver = Receiver()

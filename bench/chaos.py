@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 from bench.localstack import SDQ, T0, LocalStack, OwnQueues, children, say  # noqa: E402
 from common.job import Job, JobStatus  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
 from common.store import RUNNING_KEY, JobStore, job_key, key_jobs_key  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
@@ -150,6 +151,19 @@ def takeover_waits(store: JobStore, takeovers: list[Takeover]) -> dict[str, list
         elif store.get(takeover.job_id).status is not JobStatus.SUCCEEDED:
             say(f"job {takeover.job_id}: never started again after its {takeover.kind}")
     return waits
+
+
+def plain_options(workers: int, api_workers: int) -> argparse.Namespace:
+    """The harness's options for a stack with sdq's own lease and reconcile interval and no
+    faults: what ``bench/bench.py`` and ``bench/load.py`` measure."""
+    fields = Settings.model_fields
+    return argparse.Namespace(
+        workers=workers,
+        api_workers=api_workers,
+        visibility_timeout=None,
+        lease=fields["lease_seconds"].default,
+        reconcile_interval=fields["reconcile_interval_seconds"].default,
+    )
 
 
 class Harness(LocalStack):

@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.chaos import Harness  # noqa: E402
+from bench.chaos import Harness, plain_options  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
 from common.redis import connect  # noqa: E402
 from common.store import JobStore  # noqa: E402
@@ -76,10 +76,7 @@ def main() -> int:
     parser.add_argument("--api-workers", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdq-load-") as tmp:
-        options = argparse.Namespace(
-            workers=0, visibility_timeout=3600, api_workers=args.api_workers
-        )
-        harness = Harness(options, Path(tmp), None)
+        harness = Harness(plain_options(0, args.api_workers), Path(tmp), None)
         try:
             harness.start()
             client = connect(harness.redis_url)

@@ -166,7 +166,8 @@ def main() -> int:
 def measure(harness: Harness, receiver: Receiver, args: argparse.Namespace) -> dict[str, Any]:
     client = connect(harness.redis_url)
     store = JobStore(client)
-    key, _ = KeyStore(client).create(10**7)
+    # The bench is one tenant at the API's whole rate: no per-key rate or cap of jobs.
+    key, _ = KeyStore(client).create(10**7, "bench", rate=100_000, max_jobs=1_000_000)
     celery = make_celery(harness.settings, load_tiers())
     api = httpx.Client(base_url=harness.api_url, headers={"Authorization": key}, timeout=60)
     body = {"prompt": "bench", "tier": "budget", "steps": STEPS}

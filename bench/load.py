@@ -80,7 +80,8 @@ def main() -> int:
         try:
             harness.start()
             client = connect(harness.redis_url)
-            key, _ = KeyStore(client).create(10**9)
+            # One tenant at the whole rate, its jobs parked: no per-key rate or cap of jobs.
+            key, _ = KeyStore(client).create(10**9, "load", rate=100_000, max_jobs=1_000_000)
             latencies, statuses, ids, elapsed = asyncio.run(fire(args, harness.api_url, key))
             store = JobStore(client)
             present = sum(1 for status in store.statuses(ids) if status is not None)

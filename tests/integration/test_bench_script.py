@@ -25,7 +25,8 @@ def test_the_cpu_bench_runs_and_writes_its_figures(tmp_path: Path) -> None:
     """`make bench` with the smallest counts: it starts its stack, measures every part and
     writes figures that are rates and ratios, not errors."""
     out = tmp_path / "results.json"
-    argv = [sys.executable, "bench/bench.py", "--samples", "3", "--submits", "40"]
+    # More submits than a key's default cap of jobs (1000), at more than its default rate.
+    argv = [sys.executable, "bench/bench.py", "--samples", "3", "--submits", "1500"]
     argv += ["--images", "12", "--api-workers", "1", "--out", str(out)]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -292,6 +292,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def delivery_ttl_seconds(self) -> int:
+        """How long a webhook delivery's record and attempts are kept: well past its last
+        retry, so its owner can still read why it failed."""
+        return int(self.webhook_max_age_seconds * 9)
+
+    @property
     def effective_image_ttl(self) -> int:
         """How long images outlive their job's end: SDQ_IMAGE_TTL_SECONDS, else the job's."""
         return self.image_ttl_seconds or self.job_ttl_seconds

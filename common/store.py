@@ -33,6 +33,7 @@ from common.job import (
     now,
 )
 from common.keys import apikey_key
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,22 @@ def webhook_body(client: redis.Redis, record: Mapping[str, str]) -> str | None:
 
 class JobStore:
     """Job records, state transitions and event logs on a Redis-compatible server."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: redis.Redis, aio: aioredis.Redis | None = None
+    ) -> JobStore:
+        """The store with every TTL and limit from ``settings``: the one place they meet."""
+        return cls(
+            client,
+            finished_ttl=settings.job_ttl_seconds,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+            delivery_ttl=settings.delivery_ttl_seconds,
+            max_jobs=settings.default_max_jobs,
+            lease_seconds=settings.lease_seconds,
+            stuck_ttl=settings.stuck_ttl_seconds,
+            aio=aio,
+        )
 
     def __init__(
         self,

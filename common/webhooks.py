@@ -516,7 +516,7 @@ class Dispatcher:
             pass
 
     def _history_args(self) -> tuple[int, int]:
-        return HISTORY, int(self.settings.webhook_max_age_seconds * 9)
+        return HISTORY, self.settings.delivery_ttl_seconds
 
     def _record(
         self,

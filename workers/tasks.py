@@ -62,11 +62,9 @@ def context() -> WorkerContext:
             local = DiffusersRunner.for_worker(settings, model, served)
         _context = WorkerContext(
             settings=settings,
-            store=JobStore(
+            store=JobStore.from_settings(
+                settings,
                 connect(settings.redis_url, timeout=settings.redis_socket_timeout_seconds),
-                finished_ttl=settings.job_ttl_seconds,
-                lease_seconds=settings.lease_seconds,
-                stuck_ttl=settings.stuck_ttl_seconds,
             ),
             storage=make_storage(settings),
             local=local,

@@ -39,15 +39,7 @@ class AppState:
         timeout = settings.redis_socket_timeout_seconds
         client = connect(settings.redis_url, timeout=timeout)
         aclient = connect_async(settings.redis_url, timeout=timeout)
-        store = JobStore(
-            client,
-            finished_ttl=settings.job_ttl_seconds,
-            idempotency_ttl=settings.idempotency_ttl_seconds,
-            max_jobs=settings.default_max_jobs,
-            lease_seconds=settings.lease_seconds,
-            stuck_ttl=settings.stuck_ttl_seconds,
-            aio=aclient,
-        )
+        store = JobStore.from_settings(settings, client, aio=aclient)
         celery = make_celery(settings, tiers)
         storage = make_storage(settings)
         return cls(

@@ -66,9 +66,10 @@ sys.path.insert(0, str(ROOT))
 from bench.localstack import SDQ, T0, LocalStack, OwnQueues, children, say  # noqa: E402
 from common.job import Job, JobStatus  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
+from common.redis_keys import RUNNING_KEY, job_key, key_jobs_key  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402
-from common.store import RUNNING_KEY, JobStore, job_key, key_jobs_key  # noqa: E402
+from common.store import JobStore  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 from tests.support import wait_until  # noqa: E402
 

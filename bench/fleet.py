@@ -58,8 +58,7 @@ from bench.fleet_worker import READY  # noqa: E402
 from bench.localstack import LocalStack, children, say  # noqa: E402
 from common.job import JobStatus  # noqa: E402
 from common.keys import KeyStore  # noqa: E402
-from common.store import (  # noqa: E402
-    JobStore,
+from common.redis_keys import (  # noqa: E402
     attempts_key,
     delivery_key,
     events_key,
@@ -67,6 +66,7 @@ from common.store import (  # noqa: E402
     key_jobs_key,
     webhooks_key,
 )
+from common.store import JobStore  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402
 from tests.support import wait_until  # noqa: E402
 

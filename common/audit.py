@@ -15,8 +15,8 @@ import redis
 from pydantic import BaseModel, Field
 
 from common.errors import InvalidRequest
+from common.redis_keys import AUDIT_KEY
 
-AUDIT_KEY = "sdq:audit"
 #: Entries kept: older ones are trimmed as new ones are written.
 MAX_ENTRIES = 10_000
 #: A page's cursor: the stream id of the last entry shown.

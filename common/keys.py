@@ -22,27 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common import audit, lua
 from common.errors import AuthError, Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from common.redis_keys import AUDIT_KEY, KEYS_INDEX, KEYS_INDEXED, apikey_by_hash_key, apikey_key
 
 KEY_PREFIX = "sdq_"
-#: Every key, newest last: members ``<created_at in microseconds, 16 digits>:<key id>``, all
-#: of score 0, so a lexicographic range is a stable page in creation order.
-KEYS_INDEX = "sdq:apikeys"
-#: Set once the keys made before the index existed were added to it.
-_INDEXED = "sdq:apikeys:indexed"
 #: What a key's id looks like.
 KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
 _HASH_KEY = re.compile(r"^sdq:apikey:(key_[0-9a-f]{16})$")
 _LIST_CURSOR = re.compile(r"^\d{16}:key_[0-9a-f]{16}$")
 #: The most credits a key may hold or be given at once: exact in Lua's doubles.
 MAX_CREDITS = 10**12
-
-
-def apikey_key(key_id: str) -> str:
-    return f"sdq:apikey:{key_id}"
-
-
-def _hash_index_key(digest: str) -> str:
-    return f"sdq:apikey-by-hash:{digest}"
 
 
 def _digest(raw_key: str) -> str:
@@ -285,10 +273,10 @@ class KeyStore:
         )
         with self.redis.pipeline() as pipe:
             pipe.hset(apikey_key(record.id), items=items)
-            pipe.set(_hash_index_key(record.digest), record.id)
+            pipe.set(apikey_by_hash_key(record.digest), record.id)
             pipe.zadd(KEYS_INDEX, {_index_member(record): 0})
             pipe.xadd(
-                audit.AUDIT_KEY,
+                AUDIT_KEY,
                 {"entry": audit.entry("create", record.id, actor, changes)},
                 maxlen=self.audit_max,
                 approximate=False,
@@ -316,7 +304,7 @@ class KeyStore:
 
     def _backfill_index(self) -> None:
         """Index the keys made before the index existed, once."""
-        if self.redis.exists(_INDEXED):
+        if self.redis.exists(KEYS_INDEXED):
             return
         for name in self.redis.scan_iter(match="sdq:apikey:key_*", count=1000):
             matched = _HASH_KEY.match(str(name))
@@ -324,7 +312,7 @@ class KeyStore:
             if matched and created:
                 member = f"{int(float(created) * 1_000_000):016d}:{matched.group(1)}"
                 self.redis.zadd(KEYS_INDEX, {member: 0})
-        self.redis.set(_INDEXED, "1")
+        self.redis.set(KEYS_INDEXED, "1")
 
     def update(self, key_or_id: str, changes: KeyChanges, *, actor: str = "store") -> ApiKey:
         """Apply an operator's ``changes`` in one atomic step with its audit entry: credits
@@ -337,7 +325,7 @@ class KeyStore:
             "audit": audit.entry("update", record.id, actor, changes.audited()),
             "maxlen": self.audit_max,
         }
-        reply = self._update(keys=[apikey_key(record.id), audit.AUDIT_KEY], args=[json.dumps(plan)])
+        reply = self._update(keys=[apikey_key(record.id), AUDIT_KEY], args=[json.dumps(plan)])
         return self._changed(record.id, reply)
 
     def revoke(self, key_or_id: str, *, actor: str = "store") -> ApiKey:
@@ -350,7 +338,7 @@ class KeyStore:
             "audit": audit.entry("revoke", record.id, actor, {"revoked": True}),
             "maxlen": self.audit_max,
         }
-        reply = self._update(keys=[apikey_key(record.id), audit.AUDIT_KEY], args=[json.dumps(plan)])
+        reply = self._update(keys=[apikey_key(record.id), AUDIT_KEY], args=[json.dumps(plan)])
         return self._changed(record.id, reply)
 
     def rotate_secret(
@@ -361,7 +349,7 @@ class KeyStore:
         record = self.find(key_or_id)
         changes = {"overlap_seconds": overlap_seconds}
         reply = self._rotate(
-            keys=[apikey_key(record.id), audit.AUDIT_KEY],
+            keys=[apikey_key(record.id), AUDIT_KEY],
             args=[
                 new_webhook_secret(),
                 overlap_seconds,
@@ -395,7 +383,7 @@ class KeyStore:
         if len(key_or_id) > 256:
             raise NotFound("no such API key")
         if key_or_id.startswith(KEY_PREFIX):
-            key_id = self.redis.get(_hash_index_key(_digest(key_or_id)))
+            key_id = self.redis.get(apikey_by_hash_key(_digest(key_or_id)))
             if key_id is None:
                 raise NotFound("no such API key")
             key_or_id = str(key_id)
@@ -406,7 +394,7 @@ class KeyStore:
         after spending one request of its rate."""
         digest = _digest(parse_authorization(authorization))
         return _admitted(
-            digest, self._auth(keys=[_hash_index_key(digest)], args=[self.default_rate])
+            digest, self._auth(keys=[apikey_by_hash_key(digest)], args=[self.default_rate])
         )
 
     def signing_secrets(self, key_id: str) -> list[str]:
@@ -453,7 +441,7 @@ class AsyncKeyAuth:
 
     async def authenticate(self, authorization: str | None) -> ApiKey:
         digest = _digest(parse_authorization(authorization))
-        reply = await self._auth(keys=[_hash_index_key(digest)], args=[self.default_rate])
+        reply = await self._auth(keys=[apikey_by_hash_key(digest)], args=[self.default_rate])
         return _admitted(digest, reply)
 
 

@@ -28,11 +28,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.client import Pipeline
 
+from common.redis_keys import METRICS_PREFIX, queued_key
 from common.tiers import Tiers
 
 log = logging.getLogger(__name__)
 
-PREFIX = "sdq:metrics:"
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 COUNTERS: dict[str, tuple[str, list[str]]] = {
@@ -65,12 +65,6 @@ HISTOGRAMS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def queued_key(lane: str) -> str:
-    """A sorted set of the lane's queued job ids (a tier's, for one of its models), scored by
-    submit time."""
-    return f"sdq:queued:{lane}"
-
-
 def _field(labels: dict[str, str], part: str = "") -> str:
     return json.dumps(labels, sort_keys=True, separators=(",", ":")) + (f"|{part}" if part else "")
 
@@ -85,12 +79,13 @@ class Recorder:
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         assert name in COUNTERS, name
-        self._write(name, lambda pipe: pipe.hincrbyfloat(PREFIX + name, _field(labels), amount))
+        key = METRICS_PREFIX + name
+        self._write(name, lambda pipe: pipe.hincrbyfloat(key, _field(labels), amount))
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         assert name in HISTOGRAMS, name
         bucket = next((b for b in BUCKETS if seconds <= b), math.inf)
-        key = PREFIX + name
+        key = METRICS_PREFIX + name
 
         def add(pipe: Pipeline) -> None:
             pipe.hincrby(key, _field(labels, str(bucket)), 1)
@@ -155,7 +150,7 @@ class FleetCollector(Collector):
             yield self._histogram(name, doc, labels)
 
     def _hash(self, name: str) -> dict[str, str]:
-        return cast(dict[str, str], self.redis.hgetall(PREFIX + name))
+        return cast(dict[str, str], self.redis.hgetall(METRICS_PREFIX + name))
 
     def _histogram(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
         family = HistogramMetricFamily(name, doc, labels=labels)

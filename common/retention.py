@@ -21,13 +21,12 @@ import time
 import redis
 
 from common.errors import StorageError
+from common.redis_keys import EXPIRY_KEY
 from common.settings import Settings
 from common.storage import Storage, job_prefix
 
 log = logging.getLogger(__name__)
 
-#: Ended jobs whose objects are to go: member the job id, score when it ended (0: at once).
-EXPIRY_KEY = "sdq:images:expiry"
 #: Jobs one batch sweeps: each is a list and a delete on the S3 server.
 BATCH = 100
 

@@ -32,61 +32,19 @@ from common.job import (
     JobStatus,
     now,
 )
-from common.keys import apikey_key
+from common.redis_keys import (
+    RUNNING_KEY,
+    apikey_key,
+    batch_key,
+    events_key,
+    idempotency_key,
+    job_key,
+    key_jobs_key,
+    taken_key,
+)
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DUE_KEY = "sdq:webhooks:due"
-#: Running jobs by the end of their lease (kept by the Lua steps).
-RUNNING_KEY = "sdq:running"
-WAKE_KEY = "sdq:webhooks:wake"
-
-
-def job_key(job_id: str) -> str:
-    return f"sdq:job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"sdq:job:{job_id}:events"
-
-
-def webhooks_key(job_id: str) -> str:
-    """The list of a job's webhook delivery ids."""
-    return f"sdq:job:{job_id}:webhooks"
-
-
-def delivery_key(delivery_id: str) -> str:
-    return f"sdq:webhook:{delivery_id}"
-
-
-def attempts_key(delivery_id: str) -> str:
-    return f"sdq:webhook:{delivery_id}:attempts"
-
-
-def events_channel(job_id: str) -> str:
-    """The pub/sub channel on which every event of a job is published as it happens."""
-    return f"sdq:events:{job_id}"
-
-
-def key_jobs_key(key_id: str, status: JobStatus | None = None) -> str:
-    """A key's jobs by creation time: all of them, or those in ``status`` (kept by the Lua
-    steps, so a filtered listing reads only its own index)."""
-    base = f"sdq:apikey:{key_id}:jobs"
-    return base if status is None else f"{base}:{status.value}"
-
-
-def taken_key(task_id: str) -> str:
-    """Which job a task message took (``take.lua``): a redelivery runs the same job."""
-    return f"sdq:taken:{task_id}"
-
-
-def batch_key(batch_id: str) -> str:
-    return f"sdq:batch:{batch_id}"
-
-
-def idempotency_key(key_id: str, token: str) -> str:
-    return f"sdq:idem:{key_id}:{hashlib.sha256(token.encode()).hexdigest()}"
 
 
 def delivery_id(job_id: str, event: str, step: int | None = None) -> str:

@@ -16,18 +16,13 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import InvalidRequest
+from common.redis_keys import usage_key
 
 #: The longest range one request may read (a leap year).
 MAX_DAYS = 366
 #: How long a day's counters are kept (written by ``lib.lua``'s ``usage``).
 RETENTION_DAYS = 400
 _KINDS = ("images", "debited", "refunded")
-
-
-def day_key(key_id: str | None, day: date) -> str:
-    """The hash of ``key_id``'s usage on ``day``; the fleet's for ``None``."""
-    owner = "fleet" if key_id is None else f"key:{key_id}"
-    return f"sdq:usage:{owner}:{day.isoformat()}"
 
 
 class Counts(BaseModel):
@@ -86,7 +81,7 @@ def read(client: redis.Redis, key_id: str | None, start: date, end: date) -> Rep
     days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
     with client.pipeline(transaction=False) as pipe:
         for day in days:
-            pipe.hgetall(day_key(key_id, day))
+            pipe.hgetall(usage_key(key_id, day))
         rows = cast(list[dict[str, str]], pipe.execute())
     by_tier: dict[str, Counts] = {}
     total = Counts()

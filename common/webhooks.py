@@ -46,8 +46,16 @@ from common.keys import KeyStore
 from common.metrics import Recorder
 from common.netguard import Resolver, Target, UnsafeUrl, check_url, system_resolver
 from common.redis import connect
+from common.redis_keys import (
+    DUE_KEY,
+    WAKE_KEY,
+    attempts_key,
+    delivery_key,
+    redeliver_key,
+    webhooks_key,
+)
 from common.settings import Settings
-from common.store import DUE_KEY, WAKE_KEY, attempts_key, delivery_key, webhook_body, webhooks_key
+from common.store import webhook_body
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +108,6 @@ def sign(
         "webhook-timestamp": str(int(timestamp.timestamp())),
         "webhook-signature": signatures,
     }
-
-
-def redeliver_key(job_id: str) -> str:
-    """Held for ``webhook_redeliver_interval_seconds`` after a redelivery of the job."""
-    return f"sdq:webhooks:redeliver:{job_id}"
 
 
 class Deliveries:

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from common.errors import RateLimited
-from common.store import events_channel
+from common.redis_keys import events_channel
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ from common.job import (
 from common.keys import ApiKey
 from common.netguard import check_url
 from common.queue import GENERATE_TASK, broker_priority, time_limits
+from common.redis_keys import batch_key, idempotency_key
 from common.settings import Settings
 from common.storage import Storage, job_prefix
-from common.store import Created, JobStore, Transition, batch_key, idempotency_key, request_digest
+from common.store import Created, JobStore, Transition, request_digest
 from common.styles import Styles, load_styles
 from common.tiers import Tier, Tiers
 from common.transport import task_message

@@ -34,8 +34,9 @@ import redis
 from common import lua
 from common.errors import NotFound
 from common.job import ErrorCode, Job
-from common.metrics import Recorder, queued_key
+from common.metrics import Recorder
 from common.queue import is_amqp
+from common.redis_keys import LEADER_KEY, RUNNING_KEY, queued_key, taken_key
 from common.retention import Sweeper
 from common.store import JobStore
 from common.transport import PRIORITY_STEPS, queue_key
@@ -43,7 +44,6 @@ from producer.jobs import JobService
 
 log = logging.getLogger(__name__)
 
-LEADER_KEY = "sdq:reconciler:leader"
 #: kombu's Redis transport keeps delivered, unacked messages in this hash.
 UNACKED_KEY = "unacked"
 #: ... and the time each was delivered in this sorted set.
@@ -109,7 +109,7 @@ class Reconciler:
         try:
             job = self.store.get(job_id)
         except NotFound:
-            self.redis.zrem("sdq:running", job_id)  # its record is gone
+            self.redis.zrem(RUNNING_KEY, job_id)  # its record is gone
             return ""
         if job.tier not in self.jobs.tiers.names:
             return ""  # served by workers of another tiers file; theirs to settle
@@ -175,7 +175,7 @@ class Reconciler:
         if delivered:
             with self.redis.pipeline(transaction=False) as pipe:
                 for tag, task_id in delivered:
-                    pipe.exists(f"sdq:taken:{task_id}")
+                    pipe.exists(taken_key(task_id))
                     pipe.zscore(UNACKED_INDEX_KEY, tag)
                 rows = pipe.execute()
             for taken, since in zip(rows[::2], rows[1::2], strict=True):

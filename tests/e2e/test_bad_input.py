@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from common.keys import KeyStore
-from common.store import key_jobs_key
+from common.redis_keys import key_jobs_key
 
 HOTPOT = "/stable-diffusion-normal"
 OK = {"inputText": "a fox"}

@@ -13,7 +13,8 @@ from pathlib import Path
 import redis
 from PIL import Image
 
-from common.keys import KeyStore, apikey_key
+from common.keys import KeyStore
+from common.redis_keys import apikey_key
 from producer.client import Client
 
 SDQ = [sys.executable, "-m", "producer.cli"]

@@ -8,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from common.keys import KeyStore
-from common.store import key_jobs_key
+from common.redis_keys import key_jobs_key
 
 
 def test_no_request_breaks_the_api(api_url: str, keys: KeyStore, rclient: object) -> None:

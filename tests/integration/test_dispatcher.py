@@ -15,8 +15,9 @@ from common.http import retry_after
 from common.job import Job
 from common.keys import KeyStore
 from common.redis import connect
+from common.redis_keys import DUE_KEY, delivery_key, job_key
 from common.settings import Settings
-from common.store import DUE_KEY, JobStore, delivery_id, delivery_key, job_key, webhook_body
+from common.store import JobStore, delivery_id, webhook_body
 from common.webhooks import Deliveries, Dispatcher, backoff
 from tests.factories import queued_job
 from tests.receiver import Receiver

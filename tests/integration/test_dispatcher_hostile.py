@@ -23,8 +23,9 @@ from common.errors import RateLimited
 from common.job import new_job_id
 from common.keys import KeyStore
 from common.redis import connect
+from common.redis_keys import DUE_KEY, delivery_key, events_key, job_key, webhooks_key
 from common.settings import Settings
-from common.store import DUE_KEY, delivery_id, delivery_key, events_key, iso, job_key, webhooks_key
+from common.store import delivery_id, iso
 from common.webhooks import Deliveries, Dispatcher
 
 Handle = Callable[[BaseHTTPRequestHandler], None]

@@ -13,7 +13,8 @@ import redis
 from common.errors import Forbidden, RateLimited
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
 from common.keys import ApiKey, KeyStore
-from common.store import JobStore, job_key, key_jobs_key
+from common.redis_keys import job_key, key_jobs_key
+from common.store import JobStore
 
 Account = Callable[..., ApiKey]
 

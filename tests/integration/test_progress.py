@@ -12,7 +12,8 @@ from redis.retry import Retry
 
 from common.job import JobStatus
 from common.keys import KeyStore
-from common.store import JobStore, events_channel
+from common.redis_keys import events_channel
+from common.store import JobStore
 from tests.factories import queued_job
 from workers.progress import Canceled, StepReporter
 

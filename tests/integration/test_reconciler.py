@@ -17,15 +17,16 @@ import pytest
 import redis
 
 from common.job import Job, JobRequest, JobStatus
-from common.keys import ApiKey, KeyStore, apikey_key
+from common.keys import ApiKey, KeyStore
 from common.queue import broker_priority, make_celery
 from common.redis import connect
+from common.redis_keys import LEADER_KEY, RUNNING_KEY, apikey_key, job_key, taken_key
 from common.settings import Settings
-from common.store import RUNNING_KEY, JobStore, job_key, taken_key
+from common.store import JobStore
 from common.tiers import load_tiers
 from common.transport import PRIORITY_STEPS, queue_key
 from producer.jobs import JobService
-from producer.reconciler import LEADER_KEY, UNACKED_KEY, Reconciler
+from producer.reconciler import UNACKED_KEY, Reconciler
 from workers.lease import Lease
 
 MAX_DELIVERIES = 3

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from common.metrics import PREFIX, Recorder
+from common.metrics import Recorder
+from common.redis_keys import METRICS_PREFIX as PREFIX
 
 
 def test_a_batch_lands_at_its_end(rclient: redis.Redis) -> None:

@@ -15,7 +15,8 @@ from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
 from common.keys import ApiKey, AsyncKeyAuth, KeyStore
 from common.queue import GENERATE_TASK
 from common.redis import connect_async
-from common.store import JobStore, events_key, job_key
+from common.redis_keys import events_key, job_key
+from common.store import JobStore
 from common.transport import task_message
 from tests.factories import expire_lease
 

@@ -15,7 +15,8 @@ from common.errors import JobTimeout, RateLimited
 from common.job import Job, JobStatus
 from common.keys import KeyStore
 from common.redis import connect_async
-from common.store import JobStore, events_channel
+from common.redis_keys import events_channel
+from common.store import JobStore
 from producer.hub import RESYNC, Hub, HubFull
 from producer.waiter import ClientGone, wait_for_end
 from tests.factories import queued_job

@@ -64,7 +64,8 @@ def today() -> date:
 def bounded_range(start: date | None, end: date | None) -> tuple[date, date]:
     """The range asked for: by default the 30 days to today; at most ``MAX_DAYS`` long."""
     end = end or today()
-    start = start or end - timedelta(days=29)
+    # The default start of a `to` in the first days of year 1 would be before the calendar.
+    start = start or end - timedelta(days=min(29, (end - date.min).days))
     if start > end:
         raise InvalidRequest(f"from ({start}) is after to ({end})")
     if (end - start).days + 1 > MAX_DAYS:

@@ -68,6 +68,16 @@ def tiny_sd21(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_runner(tiny_model: Path) -> Any:
+    """The tiny SDXL pipeline, loaded once for the tests that run jobs in this process."""
+    from workers.pipeline import DiffusersRunner
+
+    runner = DiffusersRunner(str(tiny_model))
+    runner.load()
+    return runner
+
+
+@pytest.fixture(scope="session")
 def other_models(tiny_sd15: Path, tiny_sd21: Path) -> dict[str, Path]:
     """The session's tiny SD 1.5 and 2.1, for stacks of their own whose test is not the
     build (``sdq up`` builds its own otherwise)."""

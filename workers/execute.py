@@ -228,17 +228,21 @@ def take_and_execute(
     return taken, execute(ctx, taken)
 
 
+def batched(recorder: Recorder | None, work: Callable[[Recorder | None], JobStatus]) -> JobStatus:
+    """``work(metrics)``, a job's metrics going to Redis together when it ends: one round
+    trip between this job and the next, instead of one per figure."""
+    if recorder is None:
+        return work(None)
+    with recorder.batch() as metrics:
+        return work(metrics)
+
+
 def execute(ctx: WorkerContext, job_id: str) -> JobStatus | None:
     """Run a job to a terminal state; returns the state it ended in, or ``running`` when it
     went to ``ctx.finisher`` to be uploaded and ended there. Every store error, at any step
     before that, raises ``StoreUnavailable``."""
     try:
-        if ctx.metrics is None:
-            return run(ctx, job_id, None)
-        # A job's metrics go to Redis together when it ends: one round trip between this
-        # job and the next, instead of one per figure.
-        with ctx.metrics.batch() as metrics:
-            return run(ctx, job_id, metrics)
+        return batched(ctx.metrics, lambda metrics: run(ctx, job_id, metrics))
     except RedisError as exc:
         log.error("job %s: the job store failed: %s; requeueing its message", job_id, exc)
         raise StoreUnavailable(f"the job store failed: {exc}") from exc
@@ -408,10 +412,7 @@ def finish_later(ctx: WorkerContext, done: Generated, lease: ExitStack) -> JobSt
     error leaves the job running: its lease runs out and the reconciler requeues it."""
     with lease:
         try:
-            if ctx.finisher_metrics is None:
-                return finish(ctx, done, None)
-            with ctx.finisher_metrics.batch() as metrics:
-                return finish(ctx, done, metrics)
+            return batched(ctx.finisher_metrics, lambda metrics: finish(ctx, done, metrics))
         except RedisError as exc:
             log.error("job %s: the job store failed while finishing it: %s", done.job.id, exc)
             return None

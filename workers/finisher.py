@@ -23,7 +23,7 @@ Work = Callable[[], object]
 
 class Finisher:
     def __init__(self, depth: int = 1) -> None:
-        self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Work] = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
@@ -53,8 +53,6 @@ class Finisher:
         while True:
             work = self._queue.get()
             try:
-                if work is None:
-                    return
                 work()
             except Exception:  # the work ends its own job; this thread must outlive it
                 log.exception("finishing a job failed")

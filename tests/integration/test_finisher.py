@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +18,6 @@ from common.store import JobStore
 from tests.factories import queued_job
 from workers.execute import WorkerContext, execute
 from workers.finisher import Finisher
-from workers.pipeline import DiffusersRunner
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_model: Path) -> DiffusersRunner:
-    runner = DiffusersRunner(str(tiny_model))
-    runner.load()
-    return runner
 
 
 class HeldStorage:
@@ -60,10 +51,10 @@ def overlapping(settings: Settings, store: JobStore, storage: Any, runner: Any) 
 
 
 def test_the_next_job_generates_while_the_last_one_uploads(
-    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, runner: Any
+    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, tiny_runner: Any
 ) -> None:
     held = HeldStorage(storage)
-    ctx = overlapping(settings, store, held, runner)
+    ctx = overlapping(settings, store, held, tiny_runner)
     first, second = queued(store, keys), queued(store, keys)
     assert execute(ctx, first.id) is JobStatus.RUNNING
     assert held.waiting.wait(30)
@@ -87,12 +78,12 @@ def test_the_next_job_generates_while_the_last_one_uploads(
 
 
 def test_an_upload_that_fails_there_fails_the_job_refunded(
-    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, runner: Any
+    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, tiny_runner: Any
 ) -> None:
     held = HeldStorage(storage, fail=True)
     held.release.set()
     quick = settings.model_copy(update={"upload_retry_seconds": 0.0})
-    ctx = overlapping(quick, store, held, runner)
+    ctx = overlapping(quick, store, held, tiny_runner)
     job = queued(store, keys)
     assert keys.credits(job.key_id) == 8
     assert execute(ctx, job.id) is JobStatus.RUNNING
@@ -104,10 +95,10 @@ def test_an_upload_that_fails_there_fails_the_job_refunded(
 
 
 def test_a_job_canceled_while_it_uploads_keeps_no_images(
-    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, runner: Any
+    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, tiny_runner: Any
 ) -> None:
     held = HeldStorage(storage)
-    ctx = overlapping(settings, store, held, runner)
+    ctx = overlapping(settings, store, held, tiny_runner)
     job = queued(store, keys)
     assert execute(ctx, job.id) is JobStatus.RUNNING
     assert held.waiting.wait(30)
@@ -122,8 +113,9 @@ def test_a_job_canceled_while_it_uploads_keeps_no_images(
 
 
 def test_without_a_finisher_the_task_ends_the_job_itself(
-    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, runner: Any
+    settings: Settings, store: JobStore, keys: KeyStore, storage: S3Storage, tiny_runner: Any
 ) -> None:
     job = queued(store, keys)
-    assert execute(WorkerContext(settings, store, storage, runner), job.id) is JobStatus.SUCCEEDED
+    ctx = WorkerContext(settings, store, storage, tiny_runner)
+    assert execute(ctx, job.id) is JobStatus.SUCCEEDED
     assert store.get(job.id).status is JobStatus.SUCCEEDED

@@ -64,8 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.localstack import SDQ, T0, LocalStack, OwnQueues, children, say  # noqa: E402
+from common.apikeys import KeyStore  # noqa: E402
 from common.job import Job, JobStatus  # noqa: E402
-from common.keys import KeyStore  # noqa: E402
 from common.redis_keys import RUNNING_KEY, job_key, key_jobs_key  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.storage import S3Storage  # noqa: E402

@@ -56,8 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fleet_worker import READY  # noqa: E402
 from bench.localstack import LocalStack, children, say  # noqa: E402
+from common.apikeys import KeyStore  # noqa: E402
 from common.job import JobStatus  # noqa: E402
-from common.keys import KeyStore  # noqa: E402
 from common.redis_keys import (  # noqa: E402
     attempts_key,
     delivery_key,

@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.localstack import SDQ, LocalStack, say, tree_rss  # noqa: E402
+from common.apikeys import ApiKey, KeyStore  # noqa: E402
 from common.job import Job, JobRequest, JobStatus, new_job_id, now  # noqa: E402
-from common.keys import ApiKey, KeyStore  # noqa: E402
 from common.redis_keys import key_jobs_key  # noqa: E402
 from common.store import JobStore  # noqa: E402
 from tests.receiver import Receiver  # noqa: E402

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.chaos import Harness, plain_options  # noqa: E402
-from common.keys import KeyStore  # noqa: E402
+from common.apikeys import KeyStore  # noqa: E402
 from common.redis import connect  # noqa: E402
 from common.store import JobStore  # noqa: E402
 from common.transport import PRIORITY_STEPS, queue_key  # noqa: E402

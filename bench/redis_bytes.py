@@ -33,6 +33,7 @@ if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(ROOT))
 
 import common.store  # noqa: E402
+from common.apikeys import KeyStore  # noqa: E402
 from common.job import (  # noqa: E402  # noqa: E402
     ALL_EVENTS,
     DEFAULT_WEBHOOK_EVENTS,
@@ -43,7 +44,6 @@ from common.job import (  # noqa: E402  # noqa: E402
     new_job_id,
     now,
 )
-from common.keys import KeyStore  # noqa: E402
 from common.store import JobStore  # noqa: E402
 from producer.servers import free_port, valkey_argv  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The audit log of operator actions on keys: a Redis stream, newest first, bounded.
 
-Each entry is written by the same atomic step as the change it records (``common.keys``), so
+Each entry is written by the same atomic step as the change it records (``common.apikeys``), so
 an applied change is always recorded and a refused one never is. Entries say when, what, which
 key, who and what changed; never a key, a digest or a webhook secret.
 """

@@ -1,13 +1,14 @@
-"""Every Redis key name sdq's Python writes or reads, in one place.
+"""Every Redis key name sdq writes or reads, in one place.
 
-The Lua steps build the same names in ``common/lua/lib.lua`` (its ``*_key`` helpers); a name
-changed here changes there too. ``docs/architecture.md`` has the layout with each key's type
-and purpose.
+The Lua steps get the same names from here: ``LUA_NAMES`` below becomes Lua functions and
+constants prepended to every step (``common/lua/__init__.py``), so a name is spelled once.
+``docs/architecture.md`` has the layout with each key's type and purpose.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import date
 
 from common.job import JobStatus
@@ -24,6 +25,11 @@ def job_key(job_id: str) -> str:
 def events_key(job_id: str) -> str:
     """A job's events, the SSE history."""
     return f"sdq:job:{job_id}:events"
+
+
+def webhooks_key(job_id: str) -> str:
+    """The list of a job's webhook delivery ids."""
+    return f"sdq:job:{job_id}:webhooks"
 
 
 def events_channel(job_id: str) -> str:
@@ -70,28 +76,39 @@ def apikey_by_hash_key(digest: str) -> str:
     return f"sdq:apikey-by-hash:{digest}"
 
 
-def key_jobs_key(key_id: str, status: JobStatus | None = None) -> str:
+def rate_key(key_id: str) -> str:
+    """A key's request-rate state (``auth.lua``)."""
+    return f"sdq:rate:{key_id}"
+
+
+def key_jobs_key(key_id: str, status: JobStatus | str | None = None) -> str:
     """A key's jobs by creation time: all of them, or those in ``status`` (kept by the Lua
     steps, so a filtered listing reads only its own index)."""
     base = f"sdq:apikey:{key_id}:jobs"
-    return base if status is None else f"{base}:{status.value}"
+    return base if status is None else f"{base}:{status}"
 
 
-def usage_key(key_id: str | None, day: date) -> str:
-    """The hash of ``key_id``'s usage on ``day``; the fleet's for ``None``."""
+def usage_key(key_id: str | None, day: date | str) -> str:
+    """The hash of ``key_id``'s usage on ``day`` (a date or ``YYYY-MM-DD``); the fleet's for
+    ``None``."""
     owner = "fleet" if key_id is None else f"key:{key_id}"
-    return f"sdq:usage:{owner}:{day.isoformat()}"
+    return f"sdq:usage:{owner}:{day if isinstance(day, str) else day.isoformat()}"
+
+
+def fair_ring_key(lane: str, priority: str) -> str:
+    """The keys with jobs waiting in a lane at a priority, in turn (``take.lua``)."""
+    return f"sdq:fair:{lane}:{priority}"
+
+
+def fair_list_key(lane: str, priority: str, key_id: str) -> str:
+    """One key's jobs waiting in a lane at a priority, oldest first."""
+    return f"{fair_ring_key(lane, priority)}:{key_id}"
 
 
 # --- webhooks ---------------------------------------------------------------------------
 #: Deliveries by when they are due, and the list that wakes the dispatchers.
 DUE_KEY = "sdq:webhooks:due"
 WAKE_KEY = "sdq:webhooks:wake"
-
-
-def webhooks_key(job_id: str) -> str:
-    """The list of a job's webhook delivery ids."""
-    return f"sdq:job:{job_id}:webhooks"
 
 
 def delivery_key(delivery_id: str) -> str:
@@ -114,3 +131,29 @@ METRICS_PREFIX = "sdq:metrics:"
 AUDIT_KEY = "sdq:audit"
 #: The reconciler's leader lock.
 LEADER_KEY = "sdq:reconciler:leader"
+
+
+#: The names the Lua steps use: a constant, or a function of the named arguments. Each is
+#: built by the Python above, so the steps and the Python cannot drift apart.
+LUA_NAMES: dict[str, str | tuple[Callable[..., str], tuple[str, ...]]] = {
+    "RUNNING_KEY": RUNNING_KEY,
+    "EXPIRY_KEY": EXPIRY_KEY,
+    "DUE_KEY": DUE_KEY,
+    "WAKE_KEY": WAKE_KEY,
+    "METRICS_PREFIX": METRICS_PREFIX,
+    "job_key": (job_key, ("id",)),
+    "events_key": (events_key, ("id",)),
+    "webhooks_key": (webhooks_key, ("id",)),
+    "events_channel": (events_channel, ("id",)),
+    "queued_key": (queued_key, ("lane",)),
+    "fair_ring_key": (fair_ring_key, ("lane", "priority")),
+    "fair_list_key": (fair_list_key, ("lane", "priority", "key_id")),
+    "apikey_key": (apikey_key, ("id",)),
+    "rate_key": (rate_key, ("id",)),
+    "key_jobs_key": (key_jobs_key, ("key_id",)),
+    "status_key": (key_jobs_key, ("key_id", "status")),
+    "key_usage_key": (usage_key, ("key_id", "day")),
+    "fleet_usage_key": (lambda day: usage_key(None, day), ("day",)),
+    "delivery_key": (delivery_key, ("id",)),
+    "attempts_key": (attempts_key, ("id",)),
+}

@@ -40,9 +40,9 @@ from pydantic import BaseModel, Field
 from standardwebhooks.webhooks import Webhook
 
 from common import lua
+from common.apikeys import KeyStore
 from common.errors import NotFound, RateLimited
 from common.http import retry_after
-from common.keys import KeyStore
 from common.metrics import Recorder
 from common.netguard import Resolver, Target, UnsafeUrl, check_url, system_resolver
 from common.redis import connect

@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from common.apikeys import KEY_ID, KEY_PREFIX, KeyChanges, KeyStore, operator
 from common.errors import SdqError
-from common.keys import KEY_ID, KEY_PREFIX, KeyChanges, KeyStore, operator
 from producer.client import _base_url, _raise_for, _reaching
 
 Json = dict[str, Any]

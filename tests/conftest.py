@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis import connect
 from common.settings import Settings
 from common.storage import S3Storage

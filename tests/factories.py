@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.apikeys import KeyStore
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import KeyStore
 from common.store import JobStore
 
 

@@ -33,7 +33,7 @@ local active = tonumber(key[4]) or 0
 if active + #plan.jobs > cap then return {3, active, cap} end
 
 local created = clock()
-local key_id = string.sub(KEYS[1], string.len('sdq:apikey:') + 1)
+local key_id = string.sub(KEYS[1], string.len(apikey_key('')) + 1)
 local left = redis.call('HINCRBY', KEYS[1], 'credits', -plan.cost)
 redis.call('HINCRBY', KEYS[1], 'active', #plan.jobs)
 local ids = {}
@@ -51,12 +51,12 @@ for i, job in ipairs(plan.jobs) do
   redis.call('HSET', jobkey, 'created_at', created_text)
   redis.call('EXPIRE', jobkey, plan.stuck_ttl)
   redis.call('ZADD', KEYS[2], created_text, job.id)
-  redis.call('ZADD', status_index(key_id, 'queued'), created_text, job.id)
-  redis.call('ZADD', queued_index(job.lane), created_text, job.id)
+  redis.call('ZADD', status_key(key_id, 'queued'), created_text, job.id)
+  redis.call('ZADD', queued_key(job.lane), created_text, job.id)
   -- Fair share: a ring of the keys with jobs waiting in this lane at this priority.
-  local mine = fair_list(job.lane, job.priority, key_id)
+  local mine = fair_list_key(job.lane, job.priority, key_id)
   if redis.call('RPUSH', mine, job.id) == 1 then
-    redis.call('RPUSH', fair_ring(job.lane, job.priority), key_id)
+    redis.call('RPUSH', fair_ring_key(job.lane, job.priority), key_id)
   end
   count('sdq_jobs_total', '{"status":"queued","tier":"' .. job.tier .. '"}', 1)
   count('sdq_credits_debited_total', '{"tier":"' .. job.tier .. '"}', job.cost)

@@ -12,5 +12,5 @@ local cur = redis.call('HGET', jobkey, 'status')
 if cur ~= '"running"' or redis.call('HGET', jobkey, 'attempts') ~= ARGV[2] then return false end
 local lease = string.format('%.6f', clock() + tonumber(ARGV[1]))
 redis.call('HSET', jobkey, 'lease_until', lease)
-redis.call('ZADD', 'sdq:running', 'XX', lease, field(jobkey, 'id'))
+redis.call('ZADD', RUNNING_KEY, 'XX', lease, field(jobkey, 'id'))
 return cur

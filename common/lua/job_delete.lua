@@ -12,12 +12,12 @@ if not cur then return {-1} end
 cur = string.sub(cur, 2, -2)
 if cur ~= 'succeeded' and cur ~= 'failed' and cur ~= 'canceled' then return {0, cur} end
 local id, key_id = field(jobkey, 'id'), field(jobkey, 'key_id')
-for _, did in ipairs(redis.call('LRANGE', jobkey .. ':webhooks', 0, -1)) do
-  redis.call('DEL', 'sdq:webhook:' .. did, 'sdq:webhook:' .. did .. ':attempts')
-  redis.call('ZREM', 'sdq:webhooks:due', did)
+for _, did in ipairs(redis.call('LRANGE', webhooks_key(id), 0, -1)) do
+  redis.call('DEL', delivery_key(did), attempts_key(did))
+  redis.call('ZREM', DUE_KEY, did)
 end
-redis.call('DEL', jobkey, jobkey .. ':events', jobkey .. ':webhooks')
-redis.call('ZREM', 'sdq:apikey:' .. key_id .. ':jobs', id)
-redis.call('ZREM', status_index(key_id, cur), id)
-redis.call('ZADD', 'sdq:images:expiry', 0, id)
+redis.call('DEL', jobkey, events_key(id), webhooks_key(id))
+redis.call('ZREM', key_jobs_key(key_id), id)
+redis.call('ZREM', status_key(key_id, cur), id)
+redis.call('ZADD', EXPIRY_KEY, 0, id)
 return {1}

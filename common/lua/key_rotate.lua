@@ -9,18 +9,20 @@
 --
 -- Returns {1, fields of the key (flat)}, {-1} for an unknown key, {-2} for a revoked one.
 
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
-if redis.call('HGET', KEYS[1], 'revoked') == '1' then return {-2} end
+local key, audit = KEYS[1], KEYS[2]
+local secret, overlap_s, entry, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+
+if redis.call('EXISTS', key) == 0 then return {-1} end
+if redis.call('HGET', key, 'revoked') == '1' then return {-2} end
 local t = clock()
-local overlap = tonumber(ARGV[2])
-local old = redis.call('HGET', KEYS[1], 'webhook_secret')
-if overlap > 0 and old then
-  redis.call('HSET', KEYS[1], 'previous_webhook_secret', old,
-    'previous_secret_expires_at', string.format('%.6f', t + overlap))
+local old = redis.call('HGET', key, 'webhook_secret')
+if overlap_s > 0 and old then
+  redis.call('HSET', key, 'previous_webhook_secret', old,
+    'previous_secret_expires_at', string.format('%.6f', t + overlap_s))
 else
-  redis.call('HDEL', KEYS[1], 'previous_webhook_secret', 'previous_secret_expires_at')
+  redis.call('HDEL', key, 'previous_webhook_secret', 'previous_secret_expires_at')
 end
-redis.call('HSET', KEYS[1], 'webhook_secret', ARGV[1],
+redis.call('HSET', key, 'webhook_secret', secret,
   'webhook_secret_rotated_at', string.format('%.6f', t))
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 'entry', ARGV[3])
-return {1, redis.call('HGETALL', KEYS[1])}
+redis.call('XADD', audit, 'MAXLEN', maxlen, '*', 'entry', entry)
+return {1, redis.call('HGETALL', key)}

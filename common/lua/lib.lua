@@ -1,13 +1,6 @@
--- Shared by every job script: common/lua/__init__.py prepends it to each one.
--- Key names mirror common/store.py; a job hash's values are JSON, written by Python.
-
-local function job_key(id) return 'sdq:job:' .. id end
-local function apikey_key(id) return 'sdq:apikey:' .. id end
-local function status_index(key_id, status) return 'sdq:apikey:' .. key_id .. ':jobs:' .. status end
--- A lane is where jobs wait: a tier for its default model, `tier.model` for another.
-local function fair_ring(lane, priority) return 'sdq:fair:' .. lane .. ':' .. priority end
-local function fair_list(lane, priority, key_id) return fair_ring(lane, priority) .. ':' .. key_id end
-local function queued_index(lane) return 'sdq:queued:' .. lane end
+-- Shared by every job script: common/lua/__init__.py prepends it to each one, after the key
+-- names it generates from common/redis_keys.py. A job hash's values are JSON, written by
+-- Python. A lane is where jobs wait: a tier for its default model, `tier.model` for another.
 
 -- The store's clock, in seconds: every machine's leases and waits are measured by it.
 local function clock()
@@ -17,7 +10,7 @@ end
 
 -- Fleet metrics (common/metrics.py): a hash per metric, a field per label set.
 local function count(name, labels, amount)
-  redis.call('HINCRBYFLOAT', 'sdq:metrics:' .. name, labels, amount)
+  redis.call('HINCRBYFLOAT', METRICS_PREFIX .. name, labels, amount)
 end
 
 -- The UTC date (YYYY-MM-DD) of a time in seconds: days-to-civil (H. Hinnant's algorithm),
@@ -41,7 +34,7 @@ end
 local function usage(key_id, tier, what, amount)
   if amount == 0 then return end
   local day = utc_day(clock())
-  for _, hash in ipairs({'sdq:usage:key:' .. key_id .. ':' .. day, 'sdq:usage:fleet:' .. day}) do
+  for _, hash in ipairs({key_usage_key(key_id, day), fleet_usage_key(day)}) do
     redis.call('HINCRBY', hash, tier .. ':' .. what, amount)
     redis.call('EXPIRE', hash, 34560000)
   end
@@ -77,16 +70,16 @@ local function schedule(jobkey, etype, did, ts, now, dttl, ref_name, ref_value)
   hook = cjson.decode(hook)
   for _, name in ipairs(hook['events']) do
     if name == etype then
-      local dkey = 'sdq:webhook:' .. did
-      redis.call('HSET', dkey, 'id', did, 'job_id', field(jobkey, 'id'),
+      local dkey, id = delivery_key(did), field(jobkey, 'id')
+      redis.call('HSET', dkey, 'id', did, 'job_id', id,
         'key_id', field(jobkey, 'key_id'), 'event', etype, 'url', hook['url'],
         'state', 'pending', 'attempts', 0, 'first_at', now, 'next_at', now,
         'timestamp', ts, ref_name, ref_value)
       redis.call('EXPIRE', dkey, dttl)
-      redis.call('RPUSH', jobkey .. ':webhooks', did)
-      redis.call('ZADD', 'sdq:webhooks:due', now, did)
-      redis.call('LPUSH', 'sdq:webhooks:wake', did)
-      redis.call('LTRIM', 'sdq:webhooks:wake', 0, 99)
+      redis.call('RPUSH', webhooks_key(id), did)
+      redis.call('ZADD', DUE_KEY, now, did)
+      redis.call('LPUSH', WAKE_KEY, did)
+      redis.call('LTRIM', WAKE_KEY, 0, 99)
       return
     end
   end
@@ -94,12 +87,13 @@ end
 
 -- Log a status event (its seq is its place in the log), publish it, schedule its webhook.
 local function emit(jobkey, etype, ts, did, now, dttl)
-  local eventskey = jobkey .. ':events'
+  local id = field(jobkey, 'id')
+  local eventskey = events_key(id)
   local seq = redis.call('RPUSH', eventskey, '')
   local event = '{"seq":' .. seq .. ',"type":"' .. etype .. '","timestamp":"' .. ts
     .. '","data":' .. snapshot(jobkey) .. '}'
   redis.call('LSET', eventskey, seq - 1, event)
-  redis.call('PUBLISH', 'sdq:events:' .. field(jobkey, 'id'), event)
+  redis.call('PUBLISH', events_channel(id), event)
   schedule(jobkey, etype, did, ts, now, dttl, 'seq', seq)
 end
 

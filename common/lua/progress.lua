@@ -17,7 +17,7 @@ local dttl = tonumber(ARGV[1])
 for i = 2, #ARGV, 4 do
   local progress, ts, did, now = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   redis.call('HSET', jobkey, 'progress', progress)
-  redis.call('PUBLISH', 'sdq:events:' .. id, '{"type":"job.progress","timestamp":"' .. ts
+  redis.call('PUBLISH', events_channel(id), '{"type":"job.progress","timestamp":"' .. ts
     .. '","data":{"id":"' .. id .. '","status":"running","progress":' .. progress .. '}}')
   schedule(jobkey, 'job.progress', did, ts, now, dttl, 'progress', progress)
 end

@@ -6,9 +6,11 @@
 --
 -- Returns 1 when this process leads, 0 when another does.
 
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local leader, token, lease_ms = KEYS[1], ARGV[1], ARGV[2]
+
+if redis.call('SET', leader, token, 'NX', 'PX', lease_ms) then return 1 end
+if redis.call('GET', leader) == token then
+  redis.call('PEXPIRE', leader, lease_ms)
   return 1
 end
 return 0

@@ -14,13 +14,13 @@ if tonumber(redis.call('HGET', jobkey, 'lease_until') or '0') > clock() then ret
 local id, key_id = field(jobkey, 'id'), field(jobkey, 'key_id')
 local priority, lane = redis.call('HGET', jobkey, 'priority'), lane_of(jobkey)
 redis.call('HSET', jobkey, 'status', '"queued"')
-redis.call('ZREM', 'sdq:running', id)
-local created = redis.call('ZSCORE', status_index(key_id, 'running'), id)
-redis.call('ZREM', status_index(key_id, 'running'), id)
-redis.call('ZADD', status_index(key_id, 'queued'), created or clock(), id)
-redis.call('ZADD', queued_index(lane), created or clock(), id)
-local mine = fair_list(lane, priority, key_id)
+redis.call('ZREM', RUNNING_KEY, id)
+local created = redis.call('ZSCORE', status_key(key_id, 'running'), id)
+redis.call('ZREM', status_key(key_id, 'running'), id)
+redis.call('ZADD', status_key(key_id, 'queued'), created or clock(), id)
+redis.call('ZADD', queued_key(lane), created or clock(), id)
+local mine = fair_list_key(lane, priority, key_id)
 redis.call('LPUSH', mine, id)
-if redis.call('LLEN', mine) == 1 then redis.call('RPUSH', fair_ring(lane, priority), key_id) end
+if redis.call('LLEN', mine) == 1 then redis.call('RPUSH', fair_ring_key(lane, priority), key_id) end
 if ARGV[1] ~= '' then redis.call('LPUSH', ARGV[1], ARGV[2]) end
 return 1

@@ -9,17 +9,20 @@
 --
 -- Returns the job id to start, or false when there is nothing to run.
 
-local taken = redis.call('GET', KEYS[1])
+local record = KEYS[1]
+local sent_for, ttl, max_skips = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+local taken = redis.call('GET', record)
 if taken then return taken end
-local hint = job_key(ARGV[1])
+local hint = job_key(sent_for)
 local lane, priority = lane_of(hint), redis.call('HGET', hint, 'priority')
 local chosen = false
 if lane and priority then
-  local ring = fair_ring(lane, priority)
-  for _ = 1, tonumber(ARGV[3]) do
+  local ring = fair_ring_key(lane, priority)
+  for _ = 1, max_skips do
     local key_id = redis.call('LPOP', ring)
     if not key_id then break end
-    local mine = fair_list(lane, priority, key_id)
+    local mine = fair_list_key(lane, priority, key_id)
     local id = redis.call('LPOP', mine)
     if redis.call('LLEN', mine) > 0 then redis.call('RPUSH', ring, key_id) end
     if id and redis.call('HGET', job_key(id), 'status') == '"queued"' then
@@ -28,7 +31,7 @@ if lane and priority then
     end
   end
 end
-if not chosen and redis.call('HGET', hint, 'status') == '"queued"' then chosen = ARGV[1] end
+if not chosen and redis.call('HGET', hint, 'status') == '"queued"' then chosen = sent_for end
 if not chosen then return false end
-redis.call('SET', KEYS[1], chosen, 'EX', tonumber(ARGV[2]))
+redis.call('SET', record, chosen, 'EX', ttl)
 return chosen

@@ -40,11 +40,11 @@ end
 local id, key_id, tier = field(jobkey, 'id'), field(jobkey, 'key_id'), field(jobkey, 'tier')
 local terminal_before = cur == 'succeeded' or cur == 'failed' or cur == 'canceled'
 redis.call('HSET', jobkey, 'status', '"' .. args.to .. '"')
-redis.call('ZREM', queued_index(lane_of(jobkey)), id)
+redis.call('ZREM', queued_key(lane_of(jobkey)), id)
 if cur ~= args.to then
-  local created = redis.call('ZSCORE', status_index(key_id, cur), id)
-  redis.call('ZREM', status_index(key_id, cur), id)
-  redis.call('ZADD', status_index(key_id, args.to), created or args.now, id)
+  local created = redis.call('ZSCORE', status_key(key_id, cur), id)
+  redis.call('ZREM', status_key(key_id, cur), id)
+  redis.call('ZADD', status_key(key_id, args.to), created or args.now, id)
 end
 count('sdq_jobs_total', '{"status":"' .. args.to .. '","tier":"' .. tier .. '"}', 1)
 local flat = {}
@@ -60,21 +60,21 @@ if args.delivery then
   local lease = string.format('%.6f', t + args.lease)
   redis.call('HSET', jobkey, 'lease_until', lease, 'lease_holder', cjson.encode(args.holder),
     'started_at', stamp)
-  redis.call('ZADD', 'sdq:running', lease, id)
+  redis.call('ZADD', RUNNING_KEY, lease, id)
 end
 if args.to == 'succeeded' and cur ~= 'succeeded' and args.fields.images then
   usage(key_id, tier, 'images', #cjson.decode(args.fields.images))
 end
 if args.terminal then
   redis.call('HSET', jobkey, 'finished_at', stamp)
-  redis.call('ZREM', 'sdq:running', id)
+  redis.call('ZREM', RUNNING_KEY, id)
   -- Retention (common/retention.py): a success's objects go a TTL after now, a failed or
   -- canceled job's at once; one that never ran and has no input has none.
   local input = redis.call('HGET', jobkey, 'init_image_key')
   if args.to == 'succeeded' then
-    redis.call('ZADD', 'sdq:images:expiry', stamp, id)
+    redis.call('ZADD', EXPIRY_KEY, stamp, id)
   elseif cur == 'running' or (input and input ~= 'null') then
-    redis.call('ZADD', 'sdq:images:expiry', 0, id)
+    redis.call('ZADD', EXPIRY_KEY, 0, id)
   end
 end
 local owner = apikey_key(key_id)
@@ -94,8 +94,8 @@ end
 emit(jobkey, args.event, args.timestamp, args.delivery_id, args.now, args.delivery_ttl)
 if args.ttl > 0 then
   redis.call('EXPIRE', jobkey, args.ttl)
-  redis.call('EXPIRE', jobkey .. ':events', args.ttl)
-  redis.call('EXPIRE', jobkey .. ':webhooks', args.ttl)
+  redis.call('EXPIRE', events_key(id), args.ttl)
+  redis.call('EXPIRE', webhooks_key(id), args.ttl)
 end
 if args.delivery then return {1, attempts, credits, redis.call('HGETALL', jobkey), stamp} end
 return {1, attempts, credits, false, stamp}

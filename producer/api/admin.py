@@ -17,9 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common import usage
+from common.apikeys import KEY_ID, MAX_CREDITS, ApiKey, KeyChanges, KeyInfo
 from common.audit import AuditEntry, AuditLog
 from common.errors import AuthError, Forbidden, InvalidRequest, NotFound
-from common.keys import KEY_ID, MAX_CREDITS, ApiKey, KeyChanges, KeyInfo
 from common.settings import Settings
 from common.usage import Report
 from producer.api import openapi

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from common.keys import ApiKey
+from common.apikeys import ApiKey
 from producer.api.state import AppState
 from producer.hub import Hub
 

@@ -25,8 +25,8 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.apikeys import AsyncKeyAuth
 from common.errors import PayloadTooLarge, RateLimited, SdqError
-from common.keys import AsyncKeyAuth
 from common.settings import Settings
 from producer.api.admin import check_admin, require_admin
 from producer.api.deps import KEY_STATE, authenticate

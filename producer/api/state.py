@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from celery import Celery
 
-from common.keys import AsyncKeyAuth, KeyStore
+from common.apikeys import AsyncKeyAuth, KeyStore
 from common.models import Models, load_models
 from common.queue import make_celery
 from common.redis import connect, connect_async

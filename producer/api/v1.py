@@ -13,8 +13,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from common.apikeys import ApiKey
 from common.job import TERMINAL_EVENTS, Job, JobRequest, JobStatus
-from common.keys import ApiKey
 from producer.api import openapi
 from producer.api.deps import EventHub, Key, State
 from producer.api.state import AppState

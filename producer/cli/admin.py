@@ -101,7 +101,7 @@ def _ops(url: str | None, token: str | None) -> Iterator[KeyOps]:
             finally:
                 api.close()
             return
-        from common.keys import KeyStore
+        from common.apikeys import KeyStore
         from common.redis import connect
 
         keys = KeyStore(connect(settings.redis_url), settings.default_rate_per_second)

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from common.apikeys import KeyStore
 from common.job import JobRequest, JobStatus
-from common.keys import KeyStore
 from common.storage import S3Storage
 from producer.client import (
     AuthenticationError,

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis_keys import key_jobs_key
 
 HOTPOT = "/stable-diffusion-normal"

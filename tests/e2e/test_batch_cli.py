@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 from PIL import Image
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis_keys import apikey_key
 from producer.client import Client
 

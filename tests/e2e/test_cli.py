@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from producer.client import Client
 
 SDQ = [sys.executable, "-m", "producer.cli"]

@@ -7,7 +7,7 @@ import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis_keys import key_jobs_key
 
 

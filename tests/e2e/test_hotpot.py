@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.storage import S3Storage
 from common.store import JobStore
 

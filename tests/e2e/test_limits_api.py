@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
+from common.apikeys import KeyStore
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import KeyStore
 from common.redis import connect
 from common.store import JobStore
 from producer.servers import free_port

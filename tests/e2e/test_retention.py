@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis import connect
 from common.settings import Settings
 from common.storage import S3Storage, job_prefix

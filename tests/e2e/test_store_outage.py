@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis import connect
 from common.storage import S3Storage
 from producer.servers import free_port, valkey_argv

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from common.redis import connect
 from common.storage import S3Storage
 from producer.servers import free_port

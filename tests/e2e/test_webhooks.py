@@ -13,7 +13,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from common.keys import KeyStore
+from common.apikeys import KeyStore
 from tests.receiver import Receiver
 
 Key = Callable[..., str]

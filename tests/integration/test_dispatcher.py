@@ -11,9 +11,9 @@ from typing import cast
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from common.apikeys import KeyStore
 from common.http import retry_after
 from common.job import Job
-from common.keys import KeyStore
 from common.redis import connect
 from common.redis_keys import DUE_KEY, delivery_key, job_key
 from common.settings import Settings

@@ -19,9 +19,9 @@ from socket import socket
 import pytest
 import redis
 
+from common.apikeys import KeyStore
 from common.errors import RateLimited
 from common.job import new_job_id
-from common.keys import KeyStore
 from common.redis import connect
 from common.redis_keys import DUE_KEY, delivery_key, events_key, job_key, webhooks_key
 from common.settings import Settings

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from common.apikeys import KeyStore
 from common.errors import ModelLoadError
 from common.job import ErrorCode, Job, JobRequest, JobStatus
-from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore

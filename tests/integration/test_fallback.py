@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from pydantic import SecretStr
 
+from common.apikeys import KeyStore
 from common.errors import RemoteApiError
 from common.job import ErrorCode, Job, JobStatus
-from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from common.apikeys import KeyStore
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import KeyStore
 from common.queue import GENERATE_TASK, make_celery
 from common.settings import Settings
 from common.storage import S3Storage

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from common.apikeys import KeyStore
 from common.errors import NotFound, StorageError
 from common.job import ErrorCode, Job, JobStatus
-from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.apikeys import KeyStore
 from common.job import JobStatus
-from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore

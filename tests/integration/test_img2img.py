@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.apikeys import KeyStore
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import KeyStore
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore

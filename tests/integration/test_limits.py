@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from common.apikeys import ApiKey, KeyStore
 from common.errors import Forbidden, RateLimited
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import ApiKey, KeyStore
 from common.redis_keys import job_key, key_jobs_key
 from common.store import JobStore
 

@@ -10,8 +10,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.apikeys import KeyStore
 from common.job import JobStatus
-from common.keys import KeyStore
 from common.redis_keys import events_channel
 from common.store import JobStore
 from tests.factories import queued_job

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis
 
+from common.apikeys import ApiKey, KeyStore
 from common.job import Job, JobRequest, JobStatus
-from common.keys import ApiKey, KeyStore
 from common.queue import broker_priority, make_celery
 from common.redis import connect
 from common.redis_keys import LEADER_KEY, RUNNING_KEY, apikey_key, job_key, taken_key

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from common.apikeys import ApiKey, AsyncKeyAuth, KeyStore
 from common.errors import AuthError, Conflict, Forbidden, InsufficientCredits
 from common.job import ImageResult, Job, JobRequest, JobStatus, new_job_id, now
-from common.keys import ApiKey, AsyncKeyAuth, KeyStore
 from common.queue import GENERATE_TASK
 from common.redis import connect_async
 from common.redis_keys import events_key, job_key

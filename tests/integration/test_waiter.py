@@ -11,9 +11,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from common.apikeys import KeyStore
 from common.errors import JobTimeout, RateLimited
 from common.job import Job, JobStatus
-from common.keys import KeyStore
 from common.redis import connect_async
 from common.redis_keys import events_channel
 from common.store import JobStore

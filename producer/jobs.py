@@ -15,6 +15,7 @@ from functools import partial
 import anyio
 from celery import Celery
 
+from common.apikeys import ApiKey
 from common.errors import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
 from common.job import (
     DEFAULT_WEBHOOK_EVENTS,
@@ -25,7 +26,6 @@ from common.job import (
     now,
     random_seed,
 )
-from common.keys import ApiKey
 from common.netguard import check_url
 from common.queue import GENERATE_TASK, broker_priority, time_limits
 from common.redis_keys import batch_key, idempotency_key
@@ -115,7 +115,8 @@ class JobService:
         if not key.may_use(model, tier.default_model):
             raise Forbidden(
                 f"model {model} is available upon request: this key is not entitled to it "
-                f"(tier {tier.name} serves {tier.default_model} to every key)"
+                f"(tier {tier.name} serves {tier.default_model} to every key)",
+                model=model,
             )
         prompt, negative = request.prompt, request.negative_prompt
         if style is not None:

@@ -59,7 +59,9 @@ def _api(url: str, key: str) -> Iterator[Client]:
     except InvalidRequest as exc:
         raise fail(exc.message, 2) from None
     except AuthenticationError as exc:
-        raise fail(f"{exc.status_code}: {exc.message} (check --key or SDQ_API_KEY)") from None
+        # A model the key is not entitled to is refused with 403 too, but the key is good.
+        hint = "" if exc.details.get("model") else " (check --key or SDQ_API_KEY)"
+        raise fail(f"{exc.status_code}: {exc.message}{hint}") from None
     except ServerError as exc:
         raise fail(f"{exc.status_code}: {exc.message} (the API failed; see its logs)") from None
     except ApiError as exc:

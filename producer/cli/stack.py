@@ -151,17 +151,17 @@ def _start_detached(stack: Stack) -> int:
 
 
 def _announce(stack: Stack, settings: Settings, credits: int, seconds: float) -> None:
-    from common.keys import KeyStore
+    from common.apikeys import KeyStore
     from common.redis import connect
     from common.tiers import load_tiers
-    from producer.stack import cores, thread_share
+    from producer.stack import cores, thread_share, worker_plan
 
     try:
         key, _ = KeyStore(connect(settings.redis_url)).create(credits, name="sdq up")
     except Exception as exc:
         raise fail(f"the stack is up, but creating its API key failed: {exc}") from None
     api = stack.api_url
-    workers = len(load_tiers(settings.tiers_file).names)
+    workers = len(worker_plan(load_tiers(settings.tiers_file)))
     share = thread_share(settings, workers)
     if share is not None:
         threads = f"{share} per CPU worker ({cores()} cores, {workers} workers)"
@@ -191,15 +191,9 @@ def ps(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Each process of the local stack: its pid, state, restarts, uptime and address."""
-    from producer.preflight import load_settings
-    from producer.stack import Stack, StackError
     from producer.supervisor import status
 
-    try:
-        stack = Stack(load_settings())
-    except StackError as exc:
-        raise fail(str(exc)) from None
-    found = status(stack)
+    found = status(_running_stack())
     if as_json:
         typer.echo(json.dumps(found.as_json()))
         return
@@ -220,6 +214,25 @@ def ps(
         )
 
 
+def _running_stack() -> Stack:
+    """The stack as far as ``ps`` and ``down`` need it (its home and recorded state): the
+    production checks are for starting one, and must not keep a running stack from stopping
+    (a compose ``.env`` says ``SDQ_ENV=production``)."""
+    from pydantic import ValidationError
+
+    from common.settings import Settings
+    from producer.preflight import load_settings
+    from producer.stack import Stack, StackError
+
+    try:
+        try:
+            return Stack(Settings.unchecked())
+        except ValidationError:
+            return Stack(load_settings())  # names each invalid setting
+    except StackError as exc:
+        raise fail(str(exc)) from None
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -235,14 +248,9 @@ def _duration(seconds: float | None) -> str:
 def down() -> None:
     """Stop the local stack (its supervisor and every process), from any folder of the
     checkout."""
-    from producer.preflight import load_settings
-    from producer.stack import Stack, StackError
     from producer.supervisor import stop_stack
 
-    try:
-        stack = Stack(load_settings())
-    except StackError as exc:
-        raise fail(str(exc)) from None
+    stack = _running_stack()
     stopped = stop_stack(stack)
     err.print(
         f"stopped: {', '.join(stopped)}" if stopped else f"no stack is running (home {stack.home})",

@@ -124,6 +124,21 @@ def test_revoked_key_shows_the_servers_message(
     assert "403: this API key was revoked" in line
 
 
+def test_a_model_not_entitled_is_not_blamed_on_the_key(
+    env: dict[str, str], api_url: str, new_key, tmp_path: Path
+) -> None:
+    key = new_key(5)
+    proc = subprocess.run(
+        [*SDQ, "submit", "a fox", "--tier", "normal", "--model", "sd15"],
+        env={**env, "SDQ_API_URL": api_url, "SDQ_API_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = one_error_line(proc)
+    assert "403: model sd15 is available upon request" in line and "SDQ_API_KEY" not in line
+
+
 def test_a_silent_server_times_out() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -73,6 +73,7 @@ def test_a_key_not_entitled_is_refused_and_charged_nothing(api_url: str, new_key
         "code": 403,
         "message": "model sd15 is available upon request: this key is not entitled to it "
         "(tier normal serves sdxl to every key)",
+        "model": "sd15",
     }
     response = httpx.post(
         f"{api_url}/stable-diffusion-normal",

@@ -1,6 +1,6 @@
 """`cp .env.example .env` (the docker compose step) in the folder `make up` runs from: `sdq up`
 names the one setting that stops it and the .env line it came from, starts nothing, and comes
-up once that line says what it asks for."""
+up once that line says what it asks for; `sdq ps` and `sdq down` work whatever the .env says."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ def test_the_compose_env_file_is_named_then_works_once_fixed(tmp_path: Path) -> 
         )
         assert response.status_code == 200, response.text
         assert response.content[:2] == b"\xff\xd8"
+        # The production .env back in place: it stops a start, never a running stack's ps/down.
+        env_file.write_text(text.replace("SDQ_ENV=development", "SDQ_ENV=production"))
+        ps = subprocess.run(
+            [*SDQ, "ps"], env=env, cwd=project, capture_output=True, text=True, timeout=60
+        )
+        assert ps.returncode == 0 and re.search(r"^api\s+\d+\s+running", ps.stdout, re.M), ps
     finally:
         down = subprocess.run(
             [*SDQ, "down"], env=env, cwd=project, capture_output=True, text=True, timeout=90

@@ -45,24 +45,21 @@ def worker(
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (SDQ_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (SDQ_API_PORT).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes; each listens on the port itself (SO_REUSEPORT), so the "
+            "kernel spreads connections evenly, and one that dies is started again.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API under uvicorn."""
-    import uvicorn
+    from producer.api.serve import serve
 
     settings = checked_settings()
     setup_logging(settings)
-    from producer.api.app import server_options
-
-    uvicorn.run(
-        "producer.api.app:create_app",
-        factory=True,
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        workers=workers,
-        log_level=settings.log_level.lower(),
-        **server_options(settings),
-    )
+    serve(settings, host or settings.api_host, port or settings.api_port, workers, setup_logging)
 
 
 @app.command()

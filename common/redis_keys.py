@@ -46,6 +46,11 @@ def batch_key(batch_id: str) -> str:
     return f"sdq:batch:{batch_id}"
 
 
+#: Stand-ins for the create step's KEYS when a request has no Idempotency-Key or batch.
+NO_IDEMPOTENCY_KEY = "sdq:idem:none"
+NO_BATCH_KEY = "sdq:batch:none"
+
+
 def idempotency_key(key_id: str, token: str) -> str:
     return f"sdq:idem:{key_id}:{hashlib.sha256(token.encode()).hexdigest()}"
 

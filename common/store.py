@@ -32,7 +32,10 @@ from common.job import (
     JobStatus,
     now,
 )
+from common.records import DeliveryRecord
 from common.redis_keys import (
+    NO_BATCH_KEY,
+    NO_IDEMPOTENCY_KEY,
     RUNNING_KEY,
     apikey_key,
     batch_key,
@@ -111,27 +114,27 @@ def record_fields(job: Job) -> dict[str, str]:
     return fields
 
 
-def webhook_body(client: redis.Redis, record: Mapping[str, str]) -> str | None:
+def webhook_body(client: redis.Redis, record: DeliveryRecord) -> str | None:
     """The body of a webhook delivery, built when it is sent: the event as it was logged
     (or the step, for progress) and the job's request from its one stored copy. ``None``
     when the job's record has expired."""
-    job_id = record["job_id"]
+    job_id = record.job_id
     with client.pipeline(transaction=False) as pipe:
         pipe.hget(job_key(job_id), "request")
-        if record.get("seq"):
-            pipe.lindex(events_key(job_id), int(record["seq"]) - 1)
+        if record.seq is not None:
+            pipe.lindex(events_key(job_id), record.seq - 1)
         rows = pipe.execute()
     if rows[0] is None:
         return None
-    if record.get("seq"):
+    if record.seq is not None:
         if rows[1] is None:
             return None
         logged = json.loads(rows[1])
         data = logged["data"]
     else:
-        data = {"id": job_id, "status": "running", "progress": json.loads(record["progress"])}
+        data = {"id": job_id, "status": "running", "progress": json.loads(record.progress or "{}")}
     data["request"] = json.loads(rows[0])
-    body = {"type": record["event"], "timestamp": record["timestamp"], "data": data}
+    body = {"type": record.event, "timestamp": record.timestamp, "data": data}
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -254,8 +257,8 @@ class JobStore:
         keys = [
             apikey_key(key_id),
             key_jobs_key(key_id),
-            idempotency_key(key_id, token) if token else "sdq:idem:none",
-            batch_key(batch["id"]) if batch else "sdq:batch:none",
+            idempotency_key(key_id, token) if token else NO_IDEMPOTENCY_KEY,
+            batch_key(batch["id"]) if batch else NO_BATCH_KEY,
         ]
         # The request was validated as UTF-8 text (common.job), so Lua decodes it safely.
         return keys, [json.dumps(plan, ensure_ascii=False)]

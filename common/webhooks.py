@@ -30,7 +30,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any, Literal, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpcore
@@ -45,6 +45,7 @@ from common.errors import NotFound, RateLimited
 from common.http import retry_after
 from common.metrics import Recorder
 from common.netguard import Resolver, Target, UnsafeUrl, check_url, system_resolver
+from common.records import DeliveryRecord, DeliveryState
 from common.redis import connect
 from common.redis_keys import (
     DUE_KEY,
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 USER_AGENT = "sdq-webhooks/0.1"
 #: Attempts kept in ``sdq:webhook:<id>:attempts`` (the count in the record goes on).
 HISTORY = 20
-
-
-DeliveryState = Literal["pending", "delivered", "failed", "gone"]
 
 
 class Attempt(BaseModel):
@@ -151,17 +149,10 @@ class Deliveries:
         return ids
 
 
-def _delivery(record: dict[str, str], history: list[str]) -> Delivery:
+def _delivery(fields: dict[str, str], history: list[str]) -> Delivery:
+    record = DeliveryRecord.from_hash(fields)
     return Delivery(
-        id=record["id"],
-        event=record["event"],
-        url=record["url"],
-        state=cast(DeliveryState, record["state"]),
-        attempts=int(record["attempts"]),
-        first_at=float(record["first_at"]),
-        next_at=float(record["next_at"]) if record.get("next_at") else None,
-        last_status=int(record["last_status"]) if record.get("last_status") else None,
-        last_error=record.get("last_error") or None,
+        **record.model_dump(include=set(Delivery.model_fields)),
         history=[Attempt.model_validate_json(item) for item in history],
     )
 
@@ -406,11 +397,12 @@ class Dispatcher:
             return None
 
     def _deliver(self, delivery_id: str) -> DeliveryState | None:
-        record = cast(dict[str, str], self.redis.hgetall(delivery_key(delivery_id)))
-        if not record or record.get("state") != "pending":
+        fields = cast(dict[str, str], self.redis.hgetall(delivery_key(delivery_id)))
+        if not fields or fields.get("state") != "pending":
             self.redis.zrem(DUE_KEY, delivery_id)
             return None
-        host = (urlsplit(record["url"]).hostname or "").lower()
+        record = DeliveryRecord.from_hash(fields)
+        host = (urlsplit(record.url).hostname or "").lower()
         if not self._hosts.acquire(host):
             # Put back, not waited for: a slow host must not hold a slot that others could use.
             delay = min(self.settings.webhook_timeout_seconds, 0.2 * self._hosts.defer(host))
@@ -434,16 +426,16 @@ class Dispatcher:
         finally:
             self._hosts.release(host)
 
-    def _attempt(self, delivery_id: str, record: dict[str, str], started: float) -> _Outcome:
+    def _attempt(self, delivery_id: str, record: DeliveryRecord, started: float) -> _Outcome:
         deadline = time.monotonic() + self.settings.webhook_timeout_seconds
         try:
             body = webhook_body(self.redis, record)
             if body is None:
                 return _Outcome(error="the job's record has expired", permanent=True)
             # Read afresh for every attempt: a rotation applies to the very next send.
-            secrets = self.keys.signing_secrets(record["key_id"])
+            secrets = self.keys.signing_secrets(record.key_id)
             target = check_url(
-                record["url"],
+                record.url,
                 allow_loopback=self.settings.webhook_allow_loopback,
                 resolver=self._bounded_resolver(deadline),
             )
@@ -524,7 +516,7 @@ class Dispatcher:
     def _record(
         self,
         delivery_id: str,
-        record: dict[str, str],
+        record: DeliveryRecord,
         number: int,
         attempt: Attempt,
         outcome: _Outcome,
@@ -542,7 +534,7 @@ class Dispatcher:
             delay = backoff(number, s.webhook_retry_base_seconds, s.webhook_retry_max_seconds)
             delay = max(delay, outcome.wait or 0.0)
             # first_at is never moved (not by a redelivery either): retries end with the window.
-            if attempt.at + delay > float(record["first_at"]) + s.webhook_max_age_seconds:
+            if attempt.at + delay > record.first_at + s.webhook_max_age_seconds:
                 state = "failed"
             else:
                 state, next_at = "pending", attempt.at + delay
@@ -566,7 +558,7 @@ class Dispatcher:
         log.info(
             "webhook %s for job %s: attempt %d %s -> %s",
             delivery_id,
-            record.get("job_id"),
+            record.job_id,
             number,
             attempt.status_code or attempt.error,
             stored,

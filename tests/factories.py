@@ -7,6 +7,7 @@ from typing import Any
 
 from common.apikeys import KeyStore
 from common.job import Job, JobRequest, JobStatus, new_job_id, now
+from common.redis_keys import job_key
 from common.store import JobStore
 
 
@@ -40,7 +41,7 @@ def queued_job(
     if age:
         # The store stamps creation with its own clock; a test backdates it afterwards.
         job.created_at -= age
-        store.redis.hset(f"sdq:job:{job.id}", "created_at", json.dumps(job.created_at))
+        store.redis.hset(job_key(job.id), "created_at", json.dumps(job.created_at))
     return job
 
 

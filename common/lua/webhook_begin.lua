@@ -3,7 +3,8 @@
 
 local dkey, due_set, attempts = KEYS[1], KEYS[2], KEYS[3]
 local id, now, lease_end = ARGV[1], ARGV[2], ARGV[3]
-local max_age, kept, history_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local max_age_text, kept, history_ttl = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local max_age = tonumber(max_age_text)
 
 local f = redis.call('HMGET', dkey, 'state', 'first_at', 'inflight_at', 'redeliver')
 if f[1] ~= 'pending' then
@@ -18,7 +19,7 @@ if f[3] then
 end
 if not f[4] and tonumber(now) > tonumber(f[2]) + max_age then
   redis.call('HSET', dkey, 'state', 'failed', 'next_at', '',
-    'last_error', 'gave up: older than the retry window (' .. max_age .. ' s)')
+    'last_error', 'gave up: older than the retry window (' .. max_age_text .. ' s)')
   redis.call('HDEL', dkey, 'inflight', 'inflight_at')
   redis.call('ZREM', due_set, id)
   return {'expired'}

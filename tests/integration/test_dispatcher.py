@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook
 from common.apikeys import KeyStore
 from common.http import retry_after
 from common.job import Job
+from common.records import DeliveryRecord
 from common.redis import connect
 from common.redis_keys import DUE_KEY, delivery_key, job_key
 from common.settings import Settings
@@ -118,7 +119,7 @@ def test_the_body_from_the_store_is_what_is_signed_and_sent(
     dispatcher = Dispatcher(store.redis, settings)
     assert dispatcher.deliver(did) == "delivered"
     [received] = receiver.at("/signed")
-    body = webhook_body(store.redis, record)
+    body = webhook_body(store.redis, DeliveryRecord.from_hash(record))
     assert body is not None and received.body.decode() == body
     secret = keys.get(job.key_id).webhook_secret
     Webhook(secret).verify(received.body, received.headers)  # raises when it does not match

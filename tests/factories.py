@@ -20,10 +20,12 @@ def queued_job(
     steps: int = 2,
     age: float = 0.0,
     model_id: str = "sdxl",
+    lane: str = "",
     **fields: Any,
 ) -> Job:
     """A queued job of a new key with ``credits``, charged 2 credits an image, on the queue
-    of ``model_id`` (the session's workers serve sdxl and sd15: sd21's stays unserved)."""
+    of ``model_id`` (the session's workers serve sdxl and sd15), or parked in ``lane``, one
+    no tier has: no reconciler sends it a message, no worker takes it."""
     request = JobRequest.model_validate({"prompt": "a red kite", **fields})
     job = Job(
         id=new_job_id(),
@@ -36,6 +38,7 @@ def queued_job(
         cost=2 * request.num_images,
         created_at=now() - age,
         model_id=model_id,
+        lane=lane,
     )
     store.create([job])
     if age:

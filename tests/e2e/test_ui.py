@@ -121,7 +121,7 @@ new MutationObserver(() => window.seen.push([Number(bar.value), Number(bar.max)]
 def test_a_prompt_renders_with_progress_and_lands_in_the_gallery(
     driver: Any, api_url: str, new_key: Key, tmp_path: Path
 ) -> None:
-    from selenium.webdriver.common.apikeys import Keys
+    from selenium.webdriver.common.keys import Keys
 
     open_ui(driver, api_url, new_key(10))
     wait_for_account(driver, 10)

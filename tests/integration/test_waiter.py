@@ -23,9 +23,9 @@ from tests.factories import queued_job
 
 
 def queued(store: JobStore, keys: KeyStore) -> Job:
-    # On a queue no session worker serves: the reconciler of an API started by another test
-    # sends it a message, and it must still be queued when a wait times out.
-    return queued_job(store, keys, prompt="x", model_id="sd21")
+    # Parked: the reconcilers of the session's APIs would send a job of a real lane a
+    # message, and a worker could end it before a wait times out.
+    return queued_job(store, keys, prompt="x", lane="budget.parked")
 
 
 def with_hub(

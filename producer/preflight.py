@@ -161,7 +161,7 @@ def _check_hardware(settings: Settings) -> None:
     if settings.hardware_override:
         return
     try:
-        from workers.device import detect  # NVML only: no torch, no CUDA runtime
+        from common.device import detect  # NVML only: no torch, no CUDA runtime
     except ImportError:
         return
     from common.tiers import load_tiers

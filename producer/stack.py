@@ -136,7 +136,7 @@ def cores() -> int:
 
 def _cpu_only() -> bool:
     try:
-        from workers.device import detect  # NVML only: no torch, no CUDA runtime
+        from common.device import detect  # NVML only: no torch, no CUDA runtime
     except ImportError:
         return True
     return detect().count == 0

@@ -9,12 +9,12 @@ import sys
 
 from pydantic import ValidationError
 
+from common.device import check_tier, detect
 from common.errors import HardwareMismatch, InvalidRequest
 from common.models import ModelConfigError, load_models
 from common.settings import Settings, get_settings
 from common.tiers import load_tiers
 from workers.compiled import alive_timeout, plan_for
-from workers.device import check_tier, detect
 
 log = logging.getLogger(__name__)
 

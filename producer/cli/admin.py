@@ -7,16 +7,14 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from common.settings import get_settings
-from producer.cli.base import err, fail, keys_app, models_app, setup_logging
+from producer.cli.base import err, fail, keys_app
 
 if TYPE_CHECKING:
-    from common.models import Family
     from producer.keyops import Json, KeyOps
 
 UrlOpt = Annotated[
@@ -364,20 +362,3 @@ def keys_revoke(
         _print_json(key)
         return
     err.print(f"revoked {key['id']}")
-
-
-@models_app.command("build-tiny")
-def build_tiny(
-    directory: Annotated[Path, typer.Argument(help="Where to write the pipeline.")],
-    family: Annotated[str, typer.Option(help="The model family: sdxl, sd15 or sd21.")] = "sdxl",
-) -> None:
-    """Build a tiny pipeline of a model family with random weights (for tests and `sdq up`),
-    loadable with from_pretrained like the real one."""
-    from workers.tiny import build_tiny as build
-
-    setup_logging()
-    if family not in ("sdxl", "sd15", "sd21"):
-        raise fail(f"unknown family {family!r}; choose one of: sdxl, sd15, sd21", 2)
-    build(directory, cast("Family", family))
-    err.print(f"built the tiny {family} pipeline in {directory}")
-    typer.echo(json.dumps({"model": str(directory)}))

@@ -1,4 +1,5 @@
-"""The long-running processes: `sdq worker`, `api`, `dispatcher`, `reconcile`, `flower`."""
+"""The producer's long-running processes: `sdq api`, `dispatcher`, `reconcile` (the worker's
+and Flower's are in ``workers.cli``)."""
 
 from __future__ import annotations
 
@@ -8,37 +9,7 @@ from typing import Annotated
 
 import typer
 
-from common.settings import Settings
-from producer.cli.base import app, checked_settings, fail, setup_logging
-
-
-@app.command()
-def worker(
-    tier: Annotated[
-        list[str], typer.Option("--tier", "-t", help="Tier to serve; repeat to serve several.")
-    ],
-    model: Annotated[
-        str | None, typer.Option(help="Model to serve; default: the first tier's.")
-    ] = None,
-    concurrency: Annotated[int, typer.Option(help="Pool children (one per GPU).")] = 1,
-    gpu: Annotated[
-        str | None,
-        typer.Option(help="The GPU to pin (sets CUDA_VISIBLE_DEVICES): one worker per GPU."),
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option(help="Celery node name (default: TIERS@hostname).")
-    ] = None,
-) -> None:
-    """Run a Celery worker for a tier. Exits 2 when this machine's device may not serve it
-    (unless the tier falls back to its remote API on `no_device`)."""
-    from workers.main import run_worker
-
-    # Unchecked: the worker's hardware refusal comes before any about the other settings.
-    settings = Settings.unchecked()
-    setup_logging(settings)
-    run_worker(
-        tier, model=model, concurrency=concurrency, loglevel=settings.log_level, gpu=gpu, name=name
-    )
+from producer.cli.base import app, checked_settings, setup_logging
 
 
 @app.command()
@@ -96,37 +67,3 @@ def reconcile(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     reconciler.run(stop)
-
-
-@app.command()
-def flower(
-    host: Annotated[str | None, typer.Option(help="Bind address (SDQ_FLOWER_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (SDQ_FLOWER_PORT).")] = None,
-) -> None:
-    """Run Flower on the workers' broker. Basic auth comes from SDQ_FLOWER_BASIC_AUTH; it is
-    required on any address but loopback."""
-    import ipaddress
-    import os
-
-    settings = checked_settings()
-    address = host or settings.flower_host
-    try:
-        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        loopback = False
-    argv = ["flower", f"--address={address}", f"--port={port or settings.flower_port}"]
-    if settings.flower_basic_auth is not None:
-        argv.append(f"--basic-auth={settings.flower_basic_auth.get_secret_value()}")
-    elif loopback:
-        # Flower 2 refuses its REST API without auth unless told otherwise; on loopback,
-        # for a local operator, that is what is wanted.
-        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
-    else:
-        raise fail(
-            f"Flower would listen on {address} without auth; "
-            "set SDQ_FLOWER_BASIC_AUTH=user:password",
-            2,
-        )
-    from workers.celery_app import app as celery_app
-
-    celery_app.start(argv)

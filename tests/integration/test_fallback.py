@@ -288,8 +288,8 @@ def test_schedulers_per_tier_change_the_image(tiny_model: Path) -> None:
 
 def test_the_celery_parent_never_imports_torch() -> None:
     code = (
-        "import sys, workers.celery_app, workers.tasks, workers.main, workers.device;"
-        "workers.device.detect();"
+        "import sys, workers.celery_app, workers.tasks, workers.main, common.device;"
+        "common.device.detect();"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -2,9 +2,9 @@ import logging
 
 import pytest
 
+from common.device import CPU, GIB, Device, check_tier, classify
 from common.errors import HardwareMismatch
 from common.tiers import load_tiers
-from workers.device import CPU, GIB, Device, check_tier, classify
 
 TIERS = load_tiers()
 

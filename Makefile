@@ -42,15 +42,26 @@ typecheck: install
 
 RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
+# The RabbitMQ pass (the suites whose path crosses the broker, again over AMQP) runs beside
+# the main one, its output shown after it: on two cores most of both is waiting.
+RABBITMQ_SUITES := tests/e2e/test_broker.py tests/e2e/test_store_outage.py \
+	tests/e2e/test_async_api.py tests/e2e/test_poison.py
+
 test: lint typecheck
-	$(BIN)/pytest
 	@if $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null; then \
-		echo "RabbitMQ answers on 127.0.0.1:5672: the tests whose path crosses the broker, again with it"; \
-		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest tests/e2e/test_broker.py \
-			tests/e2e/test_store_outage.py tests/e2e/test_async_api.py tests/e2e/test_poison.py; \
+		echo "RabbitMQ answers on 127.0.0.1:5672: the suites whose path crosses the broker run again with it, beside the main pass"; \
+		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest -p no:cacheprovider --basetemp=$(VENV)/rabbitmq-pass \
+			$(RABBITMQ_SUITES) > $(VENV)/rabbitmq-pass.log 2>&1 & rabbit=$$!; \
 	else \
-		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; \
-	fi
+		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; rabbit=; \
+	fi; \
+	$(BIN)/pytest; main=$$?; \
+	second=0; \
+	if [ -n "$$rabbit" ]; then \
+		wait $$rabbit; second=$$?; \
+		echo "--- the RabbitMQ pass (SDQ_TEST_BROKER=$(RABBITMQ_URL)):"; cat $(VENV)/rabbitmq-pass.log; \
+	fi; \
+	test $$main -eq 0 -a $$second -eq 0
 
 # 300 jobs under 44 faults; prints one line and fails if anything was lost, stuck, doubled or
 # left unrefunded. BROKER=amqp://guest:guest@127.0.0.1:5672// runs it against RabbitMQ.

@@ -41,7 +41,7 @@ def time_limits(tier: Tier, settings: Settings) -> tuple[float, float]:
 
 
 def make_celery(settings: Settings, tiers: Tiers) -> Celery:
-    """A Celery app configured for sdq's reliability promises (see DESIGN.md)."""
+    """A Celery app configured for sdq's reliability promises (docs/architecture.md)."""
     broker = settings.effective_broker_url
     amqp = is_amqp(broker)
     queue_arguments = {"x-max-priority": MAX_PRIORITY} if amqp else None

@@ -1,5 +1,5 @@
-"""Calls the styles, models and image-to-image tests share: a key's credits and jobs, a
-job followed to its end, input images made with Pillow, and the inputs stored in S3."""
+"""Calls the API tests share: the key header, a key's credits and jobs, a job followed to its
+end, input images made with Pillow, and the inputs stored in S3."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from common.settings import Settings
 from common.storage import S3Storage
 
 TERMINAL = ("event: job.succeeded", "event: job.failed", "event: job.canceled")
+
+
+def auth(key: str, *, bearer: bool = False) -> dict[str, str]:
+    """The Authorization header: the raw key, as Hotpot's clients send it, or ``Bearer``."""
+    return {"Authorization": f"Bearer {key}" if bearer else key}
 
 
 def get(url: str, path: str, key: str | None) -> httpx.Response:

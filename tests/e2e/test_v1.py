@@ -6,33 +6,23 @@ import hashlib
 import time
 import tomllib
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
+from tests.e2e.api_calls import auth, wait
 from tests.support import ROOT
 
 Key = Callable[..., str]
 
 
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def wait(api_url: str, key: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = httpx.get(f"{api_url}/v1/jobs/{job_id}", headers=auth(key)).json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish")
+def bearer(key: str) -> dict[str, str]:
+    return auth(key, bearer=True)  # these tests send the key as a Bearer token
 
 
 def test_submit_poll_download(api_url: str, new_key: Key) -> None:
     key = new_key(20)
     body = {"prompt": "a castle", "tier": "premium", "steps": 2, "num_images": 2, "seed": 11}
-    response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=auth(key))
+    response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=bearer(key))
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["status"] == "queued" and job["cost"] == 8 and job["credits_left"] == 12
@@ -49,12 +39,12 @@ def test_submit_poll_download(api_url: str, new_key: Key) -> None:
 def test_another_keys_job_is_404(api_url: str, new_key: Key) -> None:
     owner, stranger = new_key(), new_key()
     job = httpx.post(
-        f"{api_url}/v1/jobs", json={"prompt": "x", "steps": 1}, headers=auth(owner)
+        f"{api_url}/v1/jobs", json={"prompt": "x", "steps": 1}, headers=bearer(owner)
     ).json()
-    response = httpx.get(f"{api_url}/v1/jobs/{job['id']}", headers=auth(stranger))
+    response = httpx.get(f"{api_url}/v1/jobs/{job['id']}", headers=bearer(stranger))
     assert response.status_code == 404
     assert response.json() == {"code": 404, "message": f"no job {job['id']}"}
-    assert httpx.get(f"{api_url}/v1/jobs/job_nope", headers=auth(owner)).status_code == 404
+    assert httpx.get(f"{api_url}/v1/jobs/job_nope", headers=bearer(owner)).status_code == 404
 
 
 def test_bad_bodies_are_400(api_url: str, new_key: Key) -> None:
@@ -87,16 +77,16 @@ def test_bad_bodies_are_400(api_url: str, new_key: Key) -> None:
         ),
     ]
     for body, message in cases:
-        response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=auth(key))
+        response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=bearer(key))
         assert response.status_code == 400, body
         assert message in response.json()["message"], response.json()
-    account = httpx.get(f"{api_url}/v1/account", headers=auth(key)).json()
+    account = httpx.get(f"{api_url}/v1/account", headers=bearer(key)).json()
     assert account["credits"] == 10
 
 
 def test_account(api_url: str, new_key: Key) -> None:
     key = new_key(42)
-    response = httpx.get(f"{api_url}/v1/account", headers=auth(key))
+    response = httpx.get(f"{api_url}/v1/account", headers=bearer(key))
     assert response.status_code == 200
     account = response.json()
     assert account["credits"] == 42 and account["id"].startswith("key_")
@@ -105,7 +95,7 @@ def test_account(api_url: str, new_key: Key) -> None:
 
 
 def test_tiers(api_url: str, new_key: Key) -> None:
-    response = httpx.get(f"{api_url}/v1/tiers", headers=auth(new_key()))
+    response = httpx.get(f"{api_url}/v1/tiers", headers=bearer(new_key()))
     assert response.status_code == 200, response.text
     builtin = tomllib.loads((ROOT / "common" / "tiers.toml").read_text())["tiers"]
     fields = ("description", "default_steps", "max_steps", "max_side", "max_images", "price")
@@ -124,10 +114,10 @@ def test_tiers(api_url: str, new_key: Key) -> None:
     assert (budget["name"], budget["max_steps"], budget["price"]) == ("budget", 30, 1)
     # What a tier offers is what it accepts: one step more is refused with that limit.
     over = {"prompt": "x", "tier": "budget", "steps": budget["max_steps"] + 1}
-    refused = httpx.post(f"{api_url}/v1/jobs", json=over, headers=auth(new_key()))
+    refused = httpx.post(f"{api_url}/v1/jobs", json=over, headers=bearer(new_key()))
     assert refused.json() == {"code": 400, "message": "steps must be at most 30 on tier budget"}
     assert httpx.get(f"{api_url}/v1/tiers").status_code == 401
-    assert httpx.get(f"{api_url}/v1/tiers", headers=auth("sdq_nope")).status_code == 403
+    assert httpx.get(f"{api_url}/v1/tiers", headers=bearer("sdq_nope")).status_code == 403
 
 
 def test_health_and_docs(api_url: str) -> None:

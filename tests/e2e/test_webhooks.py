@@ -14,13 +14,10 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from common.apikeys import KeyStore
+from tests.e2e.api_calls import auth
 from tests.receiver import Receiver
 
 Key = Callable[..., str]
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": key}
 
 
 def submit(api_url: str, key: str, **fields: Any) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 ``sdq up`` is the supervisor in the foreground; ``sdq up --detach`` starts one in a session of
 its own (``serve_detached``) that reports to the command until the stack is healthy, then
-supervises it alone. A service that dies is restarted after a backoff that doubles from
-``first_delay`` to ``max_delay`` and starts again from ``first_delay`` once the service stayed
-up ``stable_after``. Its pid, and each service's state, are kept in
+supervises it alone. A service that dies is restarted by ``RestartPolicy``: after a backoff
+that doubles from ``first_delay`` to ``max_delay``, and from ``first_delay`` again once the
+service stayed up ``stable_after``. Its pid, and each service's state, are kept in
 ``<home>/supervisor.json``, which ``sdq ps`` reads and ``sdq down`` uses to stop it.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
+from producer.restarts import RestartPolicy
 from producer.stack import Service, Stack, StackError, alive, signal_group, stale, write_json
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,7 @@ class Supervisor:
         self.stack = stack
         self.file = stack.home / "supervisor.json"
         self.first_delay = first_delay
-        self.max_delay = max_delay
-        self.stable_after = stable_after
+        self.policy = RestartPolicy(first_delay, max_delay, stable_after)
         self.interval = interval
         self.started_at = time.time()
         self.watches: list[Watch] = []
@@ -166,19 +166,17 @@ class Supervisor:
                 self.stack.logs / f"{service.name}.log",
             )
             return True
-        if uptime >= self.stable_after:
-            watch.delay = self.first_delay
+        wait, watch.delay = self.policy.delays(watch.delay, uptime)
         watch.state = "restarting"
-        watch.restart_at = now + watch.delay
+        watch.restart_at = now + wait
         log.warning(
             "%s (pid %d) exited with %s after %.1fs up; restarting it in %gs",
             service.name,
             service.process.pid,
             _describe(status),
             uptime,
-            watch.delay,
+            wait,
         )
-        watch.delay = min(watch.delay * 2, self.max_delay)
         return True
 
     def _write(self) -> None:

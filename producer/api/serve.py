@@ -19,19 +19,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import uvicorn
 
 from common.settings import Settings
+from producer.restarts import RestartPolicy
 
 log = logging.getLogger("sdq.api")
 
 APP = "producer.api.app:create_app"
-#: A process that dies is started again after 1 s, doubling to 30 s while it keeps dying;
-#: back to 1 s once it stayed up a minute (as `sdq up` does).
-RESTART_BACKOFF = (1.0, 30.0)
-STAYED_UP_SECONDS = 60.0
 
 
 def serve(
@@ -83,47 +82,56 @@ def _process(host: str, port: int, options: dict[str, Any], prepare: Callable[[]
     server.run(sockets=[sock])
 
 
+@dataclass
+class _Slot:
+    """One API process and where its restarts stand."""
+
+    process: BaseProcess
+    started: float
+    delay: float
+    restart_at: float | None = None
+
+
 class Supervisor:
     def __init__(self, args: tuple[Any, ...], workers: int) -> None:
         self.args = args
         self.workers = workers
+        self.policy = RestartPolicy()
         self.context = multiprocessing.get_context("spawn")
         self.stopping = threading.Event()
 
-    def _start(self) -> tuple[multiprocessing.process.BaseProcess, float]:
+    def _start(self) -> BaseProcess:
         process = self.context.Process(target=_process, args=self.args, name="sdq-api")
         process.start()
-        return process, time.monotonic()
+        return process
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         host, port = self.args[:2]
-        running = [self._start() for _ in range(self.workers)]
-        delays = [RESTART_BACKOFF[0]] * self.workers
-        due: list[float | None] = [None] * self.workers
+        slots = [
+            _Slot(self._start(), time.monotonic(), self.policy.first) for _ in range(self.workers)
+        ]
         log.info("sdq api: %d processes on %s:%d (SO_REUSEPORT)", self.workers, host, port)
         while not self.stopping.wait(0.2):
-            for index, (process, started) in enumerate(running):
-                if process.is_alive():
+            for slot in slots:
+                if slot.process.is_alive():
                     continue
-                now, when = time.monotonic(), due[index]
-                if when is None:
-                    if now - started >= STAYED_UP_SECONDS:
-                        delays[index] = RESTART_BACKOFF[0]
+                now = time.monotonic()
+                if slot.restart_at is None:
+                    wait, slot.delay = self.policy.delays(slot.delay, now - slot.started)
+                    slot.restart_at = now + wait
                     log.warning(
                         "sdq api: process %s exited with %s; starting it again in %.0f s",
-                        process.pid, process.exitcode, delays[index],
+                        slot.process.pid, slot.process.exitcode, wait,
                     )  # fmt: skip
-                    due[index] = now + delays[index]
-                    delays[index] = min(RESTART_BACKOFF[1], delays[index] * 2)
-                elif now >= when:
-                    running[index], due[index] = self._start(), None
-        for process, _ in running:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: uvicorn's graceful shutdown
-        for process, _ in running:
-            process.join(15)
-            if process.is_alive():
-                process.kill()
-                process.join()
+                elif now >= slot.restart_at:
+                    slot.process, slot.started, slot.restart_at = self._start(), now, None
+        for slot in slots:
+            if slot.process.is_alive():
+                slot.process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        for slot in slots:
+            slot.process.join(15)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()

@@ -96,7 +96,6 @@ def test_processes_share_the_connections_restart_and_stop(
 
         # A process killed with -9 is started again; the API answers throughout.
         os.kill(pids[0], signal.SIGKILL)
-        killed = time.monotonic()
         wait_until(
             lambda: len(children(proc.pid)) == WORKERS and pids[0] not in children(proc.pid),
             30,
@@ -106,7 +105,6 @@ def test_processes_share_the_connections_restart_and_stop(
         )
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
         assert "exited with -9; starting it again in 1 s" in log.read_text()
-        assert time.monotonic() - killed < 30
 
         current = children(proc.pid)
         os.kill(proc.pid, signal.SIGTERM)

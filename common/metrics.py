@@ -49,6 +49,10 @@ COUNTERS: dict[str, tuple[str, list[str]]] = {
         "Jobs served by a tier's remote API, by reason.",
         ["tier", "reason"],
     ),
+    "sdq_batched_jobs_total": (
+        "Jobs that ran in one pipeline call with others (the tier's batch_images).",
+        ["tier"],
+    ),
 }
 GAUGES: dict[str, tuple[str, list[str]]] = {
     "sdq_queue_depth": ("Jobs waiting per tier and model.", ["tier", "model"]),

@@ -10,6 +10,7 @@ logged without the webhook it owes (or the other way round).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +41,8 @@ from common.redis_keys import (
     apikey_key,
     batch_key,
     events_key,
+    fair_list_key,
+    fair_ring_key,
     idempotency_key,
     job_key,
     key_jobs_key,
@@ -183,6 +186,7 @@ class JobStore:
         self._transition = client.register_script(lua.source("transition"))
         self._progress = client.register_script(lua.source("progress"))
         self._take = client.register_script(lua.source("take"))
+        self._take_more = client.register_script(lua.source("take_more"))
         self._delete = client.register_script(lua.source("job_delete"))
         self._acreate = aio.register_script(lua.source("create")) if aio is not None else None
 
@@ -431,6 +435,26 @@ class JobStore:
         ``None`` when no job is waiting (the one it was sent for was canceled or taken)."""
         taken = self._take(keys=[taken_key(task_id)], args=[job_id, self.finished_ttl, _TAKE_SKIP])
         return str(taken) if taken else None
+
+    def waiting(self, lane: str, priority: int, limit: int) -> list[str]:
+        """Up to ``limit`` ids of the jobs waiting in ``lane`` at ``priority``, in the order
+        the messages would take them (round robin by key); some may have ended since."""
+        ring = fair_ring_key(lane, str(priority))
+        key_ids = self.redis.lrange(ring, 0, limit - 1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.lrange(fair_list_key(lane, str(priority), str(key_id)), 0, limit - 1)
+            lists = pipe.execute()
+        in_turn = [str(id) for row in itertools.zip_longest(*lists) for id in row if id]
+        return list(dict.fromkeys(in_turn))[:limit]
+
+    def take_more(self, job_ids: Sequence[str]) -> list[str]:
+        """Take waiting jobs out of their keys' turns to run them in a call with one already
+        taken; returns those taken (the others were taken by a message meanwhile, or left
+        the queue). Each still needs its ``start``."""
+        if not job_ids:
+            return []
+        return [str(id) for id in self._take_more(keys=[], args=list(job_ids))]
 
     def start(self, job_id: str, holder: str = "", takeover_from: str = "") -> Transition:
         """``queued -> running`` when a worker receives the job's message, taking its lease

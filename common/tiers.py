@@ -39,6 +39,13 @@ class Tier(BaseModel):
         "1..max_images images; the model's native size when empty. Others run eager.",
     )
     scheduler: Scheduler = "euler"
+    batch_images: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="The most images one pipeline call runs for several waiting jobs of the "
+        "same model, size, steps, guidance and scheduler; 1 runs each job alone.",
+    )
     remote_url: str | None = Field(None, description="A Hotpot-compatible endpoint.")
     remote_fallback: list[FallbackPolicy] = Field(default_factory=list)
     remote_only: bool = False
@@ -97,11 +104,17 @@ class Tier(BaseModel):
     def falls_back(self, policy: FallbackPolicy) -> bool:
         return self.remote_url is not None and policy in self.remote_fallback
 
+    @property
+    def images_per_call(self) -> int:
+        """The most images one pipeline call runs: a job's, or a batch of jobs'."""
+        return max(self.max_images, self.batch_images)
+
     def time_limit(self, base: float, per_step: float) -> float:
-        """Seconds its largest job (most steps, biggest size, most images) may take:
-        ``base`` plus ``per_step`` for each step of each image, scaled by megapixels."""
+        """Seconds its largest call (most steps, biggest size, most images, a job's or a
+        batch's) may take: ``base`` plus ``per_step`` for each step of each image, scaled by
+        megapixels."""
         megapixels = self.max_side * self.max_side / (1024 * 1024)
-        return base + per_step * self.max_steps * max(1.0, megapixels) * self.max_images
+        return base + per_step * self.max_steps * max(1.0, megapixels) * self.images_per_call
 
     def cost(self, num_images: int) -> int:
         return self.price * num_images

@@ -63,14 +63,14 @@ class CompilePlan:
 
 def plan_for(tiers: Sequence[Tier], backend: str = "inductor") -> CompilePlan:
     """The shapes of the tiers a worker serves: their sizes (the native one where a tier
-    lists none), up to their largest image count."""
+    lists none), up to their largest image count (a job's, or a batch of jobs')."""
     sizes: list[Size] = []
     for tier in tiers:
         tier_sizes: list[Size] = list(tier.compile_sizes) or [None]
         for size in tier_sizes:
             if size not in sizes:
                 sizes.append(size)
-    max_images = max((tier.max_images for tier in tiers), default=1)
+    max_images = max((tier.images_per_call for tier in tiers), default=1)
     return CompilePlan(tuple(sizes) or (None,), max_images, backend)
 
 

@@ -40,10 +40,11 @@ from common.storage import Storage, job_prefix, object_key
 from common.store import JobStore
 from common.styles import Styles, load_styles
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
+from workers.batching import Member, gather
 from workers.encode import encode
 from workers.finisher import Finisher
 from workers.lease import Lease
-from workers.pipeline import CudaOutOfMemory, Generation, StepCallback
+from workers.pipeline import BatchOutOfMemory, CudaOutOfMemory, Generation, StepCallback
 from workers.progress import Canceled, StepReporter
 
 log = logging.getLogger(__name__)
@@ -300,22 +301,32 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
 
     try:
         runner, reason = choose_runner(ctx, job, tier, waited)
+        if reason is None and job.init_image_key is None and tier.batch_images > 1:
+            first = Member(
+                job, started.attempts, generation_for(job, scheduler_for(ctx, job, tier)), waited
+            )
+            members = [
+                first,
+                *gather(
+                    ctx.store,
+                    first,
+                    tier,
+                    clock=started.clock,
+                    holder=me,
+                    plan=lambda other, waited: local_generation(ctx, other, tier, waited),
+                ),
+            ]
+            if len(members) > 1:
+                return run_together(ctx, tier, runner, members, metrics)
         began = time.monotonic()
         with ExitStack() as held:
             lease = held.enter_context(Lease(ctx.store, job.id, started.attempts))
             init_image = read_init_image(ctx, job)
             generation = generation_for(job, scheduler_for(ctx, job, tier), init_image)
             with StepReporter(ctx.store, job, lease=lease) as on_step:
-                try:
-                    images = runner.generate(generation, on_step)
-                except CudaOutOfMemory:
-                    if not may_go_remote(ctx, job, tier, "oom"):
-                        raise
-                    runner, reason = remote_runner(ctx, tier), "oom"
-                    log.warning(
-                        "job %s: out of GPU memory; handing it to %s", job_id, tier.remote_url
-                    )
-                    images = runner.generate(generation, on_step)
+                images, runner, reason = generate_alone(
+                    ctx, job, tier, (runner, reason), generation, on_step
+                )
             # Leaving the block sent the last steps: before the job's terminal event.
             done = Generated(
                 job=job,
@@ -335,6 +346,143 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
         return ended_by(ctx, job, tier, exc)
     ctx.finisher.submit(lambda: finish_later(ctx, done, lease_held))
     return JobStatus.RUNNING
+
+
+def generate_alone(
+    ctx: WorkerContext,
+    job: Job,
+    tier: Tier,
+    chosen: tuple[Runner, str | None],
+    generation: Generation,
+    on_step: StepCallback,
+) -> tuple[list[Image.Image], Runner, str | None]:
+    """``job``'s images from the chosen runner (and why it was chosen), or from its tier's
+    remote API where the GPU ran out of memory and the job and tier allow it; with the
+    runner and reason that made them."""
+    runner, reason = chosen
+    try:
+        return runner.generate(generation, on_step), runner, reason
+    except CudaOutOfMemory:
+        if not may_go_remote(ctx, job, tier, "oom"):
+            raise
+    runner = remote_runner(ctx, tier)
+    log.warning("job %s: out of GPU memory; handing it to %s", job.id, tier.remote_url)
+    return runner.generate(generation, on_step), runner, "oom"
+
+
+def local_generation(ctx: WorkerContext, job: Job, tier: Tier, waited: float) -> Generation | None:
+    """The generation a waiting ``job`` would run with on this worker's local pipeline, or
+    ``None`` where it would not run there (``batching.gather`` asks)."""
+    if job.init_image_key is not None:
+        return None
+    try:
+        _, reason = choose_runner(ctx, job, tier, waited)
+    except SdqError:
+        return None
+    return generation_for(job, scheduler_for(ctx, job, tier)) if reason is None else None
+
+
+def run_together(
+    ctx: WorkerContext, tier: Tier, runner: Runner, members: list[Member], metrics: Recorder | None
+) -> JobStatus:
+    """Run several started jobs in one call of the local pipeline (``workers.batching``),
+    each with its own lease, progress, cancel and result, then finish each as ``run``
+    does; returns the state the first one (the message's job) ended in."""
+    if metrics:
+        for member in members[1:]:
+            metrics.observe("sdq_queue_wait_seconds", member.waited, tier=member.job.tier)
+        metrics.inc("sdq_batched_jobs_total", len(members), tier=tier.name)
+    ended: dict[str, JobStatus] = {}
+    stacks = [ExitStack() for _ in members]
+    handed: list[tuple[Generated, ExitStack]] = []
+    try:
+        reporters = [
+            StepReporter(
+                ctx.store,
+                member.job,
+                lease=stack.enter_context(Lease(ctx.store, member.job.id, member.attempt)),
+            )
+            for member, stack in zip(members, stacks, strict=True)
+        ]
+        began = time.monotonic()
+        try:
+            outputs = _generate_together(ctx, tier, runner, members, reporters, ended)
+        except Exception as exc:  # the one call failed: every job in it, alike
+            for member in members:
+                ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
+            return ended[members[0].job.id]
+        generated = time.monotonic()
+        for member, reporter, output, stack in zip(
+            members, reporters, outputs, stacks, strict=True
+        ):
+            if member.job.id in ended:
+                continue
+            if output is None or not reporter.finish():
+                log.info("job %s: canceled, or taken over, while running; stopped", member.job.id)
+                ended[member.job.id] = JobStatus.CANCELED
+                continue
+            images, used, reason = output
+            done = Generated(
+                job=member.job,
+                runner=used,
+                reason=reason,
+                images=images,
+                seeds=member.generation.seeds,
+                waited=member.waited,
+                began=began,
+                generated=generated,
+            )
+            if ctx.finisher is not None:
+                handed.append((done, stack))
+                ended[member.job.id] = JobStatus.RUNNING
+                continue
+            try:
+                ended[member.job.id] = finish(ctx, done, metrics)
+            except Exception as exc:
+                ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
+    finally:
+        for stack in stacks:
+            if all(stack is not kept for _, kept in handed):
+                stack.close()
+    if ctx.finisher is not None and handed:
+        finishing = list(handed)
+        # One hand-over for them all: the pipeline waits for one slot, not one per job.
+        ctx.finisher.submit(lambda: [finish_later(ctx, done, stack) for done, stack in finishing])
+    return ended[members[0].job.id]
+
+
+#: A job's images, the runner that made them and why it ran them (``None``: the local one).
+Output = tuple[list[Image.Image], Runner, str | None]
+
+
+def _generate_together(
+    ctx: WorkerContext,
+    tier: Tier,
+    runner: Runner,
+    members: list[Member],
+    reporters: list[StepReporter],
+    ended: dict[str, JobStatus],
+) -> list[Output | None]:
+    """Each member's images (``None`` for one canceled meanwhile): one call, or each alone
+    when the call ran out of GPU memory; a job that fails alone is ended here, in ``ended``."""
+    together = getattr(runner, "generate_many", None)
+    assert together is not None, "only the local pipeline runs jobs together"
+    try:
+        outputs = together([member.generation for member in members], reporters)
+    except BatchOutOfMemory:
+        log.warning("out of GPU memory with %d jobs in one call; each runs alone", len(members))
+    else:
+        return [None if images is None else (images, runner, None) for images in outputs]
+    alone: list[Output | None] = []
+    for member, reporter in zip(members, reporters, strict=True):
+        try:
+            alone.append(
+                generate_alone(ctx, member.job, tier, (runner, None), member.generation, reporter)
+            )
+        except Exception as exc:
+            ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
+            alone.append(None)
+    return alone
 
 
 def ended_by(ctx: WorkerContext, job: Job, tier: Tier | None, exc: Exception) -> JobStatus:

@@ -21,6 +21,7 @@ from common.errors import ModelLoadError, SdqError
 from common.models import Family
 from workers.compiled import CompiledUNet, CompilePlan, default_cache_dir, plan_for
 from workers.precision import Dtype, Precision, resolve, seeded_latents, torch_dtype
+from workers.progress import Canceled
 from workers.runahead import RunAhead, event_factory
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ class CudaOutOfMemory(SdqError, MemoryError):
     message = "the GPU ran out of memory, even one image at a time with VAE tiling"
 
 
+class BatchOutOfMemory(SdqError, MemoryError):
+    """A call of several jobs ran out of GPU memory; each may still run alone."""
+
+    message = "the GPU ran out of memory running several jobs in one call"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Generation:
     """One pipeline call: a prompt, its settings, one seed per image; with ``init_image``,
@@ -91,6 +98,23 @@ class Generation:
         if self.init_image is None:
             return self.steps
         return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def shape(self) -> tuple[object, ...] | None:
+        """What generations must share to run in one pipeline call (several jobs', each
+        its own prompts and seeds): ``None`` for image-to-image, which runs alone. Whether
+        there is a negative prompt is part of it: SDXL's unconditional input for none is
+        zeros, not the encoding of an empty one."""
+        if self.init_image is not None:
+            return None
+        return (
+            self.steps,
+            self.width,
+            self.height,
+            self.guidance_scale,
+            self.scheduler,
+            self.negative_prompt is None,
+        )
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -396,9 +420,70 @@ class DiffusersRunner:
         finally:
             pipe.vae.disable_tiling()
 
+    def generate_many(
+        self, generations: Sequence[Generation], on_steps: Sequence[StepCallback | None]
+    ) -> list[list[Image.Image] | None]:
+        """Several jobs' generations of one ``shape`` in one pipeline call: each its own
+        prompts and seeds, and the images it gets alone (its noise is its seeds', drawn on
+        the CPU). ``on_steps[i]`` gets generation ``i``'s steps; one that raises
+        ``Canceled`` is dropped (its slot of the result is ``None``) while the rest run on,
+        and the call stops once every one is dropped (``Canceled``). CUDA out of memory
+        raises ``BatchOutOfMemory``: each can then run alone, with ``generate``'s retry."""
+        import torch
+
+        if self.pipe is None:
+            self.load()
+        first = generations[0]
+        if any(generation.shape != first.shape for generation in generations):
+            raise ValueError("generations of different shapes cannot share a call")
+        if first.shape is None:
+            raise ValueError("image-to-image runs alone")
+        owners = [index for index, generation in enumerate(generations) for _ in generation.seeds]
+        live = set(range(len(generations)))
+
+        def report(step: int, total: int) -> None:
+            for index in sorted(live):
+                callback = on_steps[index]
+                if callback is None:
+                    continue
+                try:
+                    callback(step, total)
+                except Canceled:
+                    live.discard(index)
+            if not live:
+                raise Canceled()
+
+        self.pipe.scheduler = self.scheduler(first.scheduler)
+        try:
+            images = self._call(
+                self.pipe,
+                first,
+                [seed for generation in generations for seed in generation.seeds],
+                report,
+                prompts=[generations[owner].prompt for owner in owners],
+                negative_prompts=None
+                if first.negative_prompt is None
+                else [generations[owner].negative_prompt or "" for owner in owners],
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise BatchOutOfMemory() from exc
+        each: list[list[Image.Image]] = [[] for _ in generations]
+        for owner, image in zip(owners, images, strict=True):
+            each[owner].append(image)
+        return [images if index in live else None for index, images in enumerate(each)]
+
     def _call(
-        self, pipe: Any, generation: Generation, seeds: list[int], on_step: StepCallback | None
+        self,
+        pipe: Any,
+        generation: Generation,
+        seeds: list[int],
+        on_step: StepCallback | None,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
     ) -> list[Image.Image]:
+        """One pipeline call of ``seeds``: all of ``generation``'s prompts, or with
+        ``prompts`` (and ``negative_prompts``) one of them per seed."""
         import torch
 
         # CPU generators give the same noise for a seed on any device (the schedulers that
@@ -413,11 +498,11 @@ class DiffusersRunner:
             return kwargs
 
         options: dict[str, Any] = {
-            "prompt": generation.prompt,
-            "negative_prompt": generation.negative_prompt,
+            "prompt": generation.prompt if prompts is None else prompts,
+            "negative_prompt": generation.negative_prompt if prompts is None else negative_prompts,
             "guidance_scale": generation.guidance_scale,
             "num_inference_steps": generation.steps,
-            "num_images_per_prompt": len(seeds),
+            "num_images_per_prompt": len(seeds) if prompts is None else 1,
             "generator": generators,
             "callback_on_step_end": step_end,
         }

@@ -65,8 +65,13 @@ class StepReporter:
         if kind is Canceled:
             return
         # A cancel learnt here still saves the upload.
-        if self._publish() not in (JobStatus.RUNNING, None) and kind is None:
+        if not self.finish() and kind is None:
             raise Canceled()
+
+    def finish(self) -> bool:
+        """Publish the steps held back; whether the job is still running (not canceled
+        meanwhile). Leaving the block calls it."""
+        return self._publish() in (JobStatus.RUNNING, None)
 
     def __call__(self, step: int, total: int) -> None:
         if self.lease is not None and self.lease.lost:

@@ -42,26 +42,36 @@ typecheck: install
 
 RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-# The RabbitMQ pass (the suites whose path crosses the broker, again over AMQP) runs beside
-# the main one, its output shown after it: on two cores most of both is waiting.
+# Two passes run beside the main one, their output shown after it; on two cores most of each
+# is waiting on servers. The RabbitMQ pass runs the suites whose path crosses the broker
+# again, over AMQP. The standalone pass runs the suites that start whole stacks of their own
+# (chaos, hostile tenants, the benches' smoke runs, `sdq up`) and use no session server.
 RABBITMQ_SUITES := tests/e2e/test_broker.py tests/e2e/test_store_outage.py \
 	tests/e2e/test_async_api.py tests/e2e/test_poison.py
+STANDALONE_SUITES := tests/e2e/test_chaos.py tests/e2e/test_hostile.py tests/e2e/test_stack.py \
+	tests/e2e/test_stack_supervisor.py tests/integration/test_bench_script.py \
+	tests/integration/test_fleet_smoke.py
+PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 test: lint typecheck
 	@if $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null; then \
 		echo "RabbitMQ answers on 127.0.0.1:5672: the suites whose path crosses the broker run again with it, beside the main pass"; \
-		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(BIN)/pytest -p no:cacheprovider --basetemp=$(VENV)/rabbitmq-pass \
+		SDQ_TEST_BROKER=$(RABBITMQ_URL) $(PYTEST) --basetemp=$(VENV)/rabbitmq-pass \
 			$(RABBITMQ_SUITES) > $(VENV)/rabbitmq-pass.log 2>&1 & rabbit=$$!; \
 	else \
 		echo "SKIPPED the RabbitMQ run: nothing answers on 127.0.0.1:5672"; rabbit=; \
 	fi; \
-	$(BIN)/pytest; main=$$?; \
+	$(PYTEST) --basetemp=$(VENV)/standalone-pass $(STANDALONE_SUITES) \
+		> $(VENV)/standalone-pass.log 2>&1 & standalone=$$!; \
+	$(PYTEST) --basetemp=$(VENV)/main-pass $(addprefix --ignore=,$(STANDALONE_SUITES)); main=$$?; \
+	wait $$standalone; alone=$$?; \
+	echo "--- the standalone pass (stacks of their own):"; cat $(VENV)/standalone-pass.log; \
 	second=0; \
 	if [ -n "$$rabbit" ]; then \
 		wait $$rabbit; second=$$?; \
 		echo "--- the RabbitMQ pass (SDQ_TEST_BROKER=$(RABBITMQ_URL)):"; cat $(VENV)/rabbitmq-pass.log; \
 	fi; \
-	test $$main -eq 0 -a $$second -eq 0
+	test $$main -eq 0 -a $$alone -eq 0 -a $$second -eq 0
 
 # 300 jobs under 44 faults; prints one line and fails if anything was lost, stuck, doubled or
 # left unrefunded. BROKER=amqp://guest:guest@127.0.0.1:5672// runs it against RabbitMQ.

@@ -448,13 +448,13 @@ class JobStore:
         in_turn = [str(id) for row in itertools.zip_longest(*lists) for id in row if id]
         return list(dict.fromkeys(in_turn))[:limit]
 
-    def take_more(self, job_ids: Sequence[str]) -> list[str]:
-        """Take waiting jobs out of their keys' turns to run them in a call with one already
-        taken; returns those taken (the others were taken by a message meanwhile, or left
-        the queue). Each still needs its ``start``."""
+    def take_more(self, job_ids: Sequence[str]) -> int:
+        """Take jobs started to run in one call with another out of their keys' turns (a
+        message taking the next job then skips no entry for them); returns how many
+        entries went."""
         if not job_ids:
-            return []
-        return [str(id) for id in self._take_more(keys=[], args=list(job_ids))]
+            return 0
+        return int(self._take_more(keys=[], args=list(job_ids)))
 
     def start(self, job_id: str, holder: str = "", takeover_from: str = "") -> Transition:
         """``queued -> running`` when a worker receives the job's message, taking its lease

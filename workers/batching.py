@@ -3,10 +3,10 @@
 A worker whose message took a job looks at the jobs waiting in the same lane and priority,
 in their turn by key, and takes those whose call has the same shape (``Generation.shape``:
 steps, size, guidance, scheduler, text to image) until the call holds ``batch_images``
-images. Each job so taken is started with its own lease and keeps its own progress, cancel
-and result (``workers.execute.run_together``); its own message later finds it running and
-has nothing to do. A worker that dies mid-call leaves leases that run out, and the
-reconciler requeues those jobs like any other.
+images. Each job so taken is started with its own lease (then leaves its key's turn) and
+keeps its own progress, cancel and result (``workers.execute.run_together``); its own
+message later finds it running and has nothing to do. A worker that dies mid-call leaves
+leases that run out, and the reconciler requeues those jobs like any other.
 """
 
 from __future__ import annotations
@@ -74,11 +74,10 @@ def gather(
         room -= job.request.num_images
         if room == 0:
             break
-    taken = set(store.take_more([job.id for job, _ in chosen]))
     members = []
     for job, generation in chosen:
-        if job.id not in taken:
-            continue
+        # Started first, then out of its turn: a worker that dies in between leaves a
+        # running job whose lease runs out, never a queued job that no turn reaches.
         started = store.start(job.id, holder=holder)
         if not started.applied or started.job is None or started.clock is None:
             state = started.current.value
@@ -86,6 +85,7 @@ def gather(
             continue
         waited = started.clock - started.job.created_at
         members.append(Member(started.job, started.attempts, generation, waited))
+    store.take_more([member.job.id for member in members])
     if members:
         log.info(
             "job %s: runs in one call with %s",

@@ -37,7 +37,7 @@ from common.metrics import Recorder
 from common.queue import time_limits
 from common.settings import Settings
 from common.storage import Storage, job_prefix, object_key
-from common.store import JobStore
+from common.store import JobStore, Transition
 from common.styles import Styles, load_styles
 from common.tiers import FallbackPolicy, Tier, Tiers, load_tiers
 from workers.batching import Member, gather
@@ -301,23 +301,12 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
 
     try:
         runner, reason = choose_runner(ctx, job, tier, waited)
-        if reason is None and job.init_image_key is None and tier.batch_images > 1:
-            first = Member(
-                job, started.attempts, generation_for(job, scheduler_for(ctx, job, tier)), waited
-            )
-            members = [
-                first,
-                *gather(
-                    ctx.store,
-                    first,
-                    tier,
-                    clock=started.clock,
-                    holder=me,
-                    plan=lambda other, waited: local_generation(ctx, other, tier, waited),
-                ),
-            ]
-            if len(members) > 1:
-                return run_together(ctx, tier, runner, members, metrics)
+        members = together_with(ctx, job, tier, started, me) if reason is None else []
+    except Exception as exc:
+        return ended_by(ctx, job, tier, exc)
+    if len(members) > 1:
+        return run_together(ctx, tier, runner, members, metrics)
+    try:
         began = time.monotonic()
         with ExitStack() as held:
             lease = held.enter_context(Lease(ctx.store, job.id, started.attempts))
@@ -344,8 +333,43 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
             lease_held = held.pop_all()
     except Exception as exc:
         return ended_by(ctx, job, tier, exc)
-    ctx.finisher.submit(lambda: finish_later(ctx, done, lease_held))
+    hand_over(ctx, lambda: finish_later(ctx, done, lease_held), [lease_held])
     return JobStatus.RUNNING
+
+
+def hand_over(ctx: WorkerContext, work: Callable[[], object], leases: list[ExitStack]) -> None:
+    """Give ``work`` (finishing jobs) to the finisher, their leases with it. A task stopped
+    while it waits for a slot (its time limit) lets the leases go: they run out, and the
+    reconciler requeues the jobs, instead of a lease renewed for ever."""
+    assert ctx.finisher is not None
+    try:
+        ctx.finisher.submit(work)
+    except BaseException:
+        for lease in leases:
+            lease.close()
+        raise
+
+
+def together_with(
+    ctx: WorkerContext, job: Job, tier: Tier, started: Transition, holder: str
+) -> list[Member]:
+    """``job`` and the waiting jobs that run in one call with it, each started as ``holder``
+    (``workers.batching``): none where its tier runs each job alone, for image-to-image, and
+    for a job run before (it may be the one that killed its worker)."""
+    if tier.batch_images <= 1 or job.init_image_key is not None or started.attempts > 1:
+        return []
+    assert started.clock is not None
+    generation = generation_for(job, scheduler_for(ctx, job, tier))
+    first = Member(job, started.attempts, generation, started.clock - job.created_at)
+    others = gather(
+        ctx.store,
+        first,
+        tier,
+        clock=started.clock,
+        holder=holder,
+        plan=lambda other, waited: local_generation(ctx, other, tier, waited),
+    )
+    return [first, *others]
 
 
 def generate_alone(
@@ -407,9 +431,10 @@ def run_together(
         began = time.monotonic()
         try:
             outputs = _generate_together(ctx, tier, runner, members, reporters, ended)
-        except Exception as exc:  # the one call failed: every job in it, alike
+        except Exception as exc:  # the one call failed: every job in it not ended, alike
             for member in members:
-                ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
+                if member.job.id not in ended:
+                    ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
             return ended[members[0].job.id]
         generated = time.monotonic()
         for member, reporter, output, stack in zip(
@@ -447,8 +472,23 @@ def run_together(
     if ctx.finisher is not None and handed:
         finishing = list(handed)
         # One hand-over for them all: the pipeline waits for one slot, not one per job.
-        ctx.finisher.submit(lambda: [finish_later(ctx, done, stack) for done, stack in finishing])
+        hand_over(
+            ctx,
+            lambda: [finish_later(ctx, done, stack) for done, stack in finishing],
+            [stack for _, stack in finishing],
+        )
     return ended[members[0].job.id]
+
+
+def after(reporter: StepReporter) -> StepCallback:
+    """``reporter`` for a rerun of its job: its steps go on from those already reported, so
+    that progress never goes back and each step's id stays unique."""
+    base = reporter.last_step
+
+    def report(step: int, total: int) -> None:
+        reporter(base + step, base + total)
+
+    return report
 
 
 #: A job's images, the runner that made them and why it ran them (``None``: the local one).
@@ -477,8 +517,12 @@ def _generate_together(
     for member, reporter in zip(members, reporters, strict=True):
         try:
             alone.append(
-                generate_alone(ctx, member.job, tier, (runner, None), member.generation, reporter)
+                generate_alone(
+                    ctx, member.job, tier, (runner, None), member.generation, after(reporter)
+                )
             )
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: for every job of the call not ended yet
         except Exception as exc:
             ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
             alone.append(None)

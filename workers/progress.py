@@ -49,6 +49,8 @@ class StepReporter:
         self.lease = lease
         self.interval = interval
         self._steps: list[tuple[int, int, float]] = []
+        #: The last step reported to it.
+        self.last_step = 0
         self._sent_at = time.monotonic()
         self._failed = False
 
@@ -77,6 +79,7 @@ class StepReporter:
         if self.lease is not None and self.lease.lost:
             raise Canceled()
         self._steps.append((step, total, now()))
+        self.last_step = step
         if self._failed or time.monotonic() - self._sent_at < self.interval:
             return
         if self._publish() not in (JobStatus.RUNNING, None):

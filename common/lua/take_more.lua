@@ -1,21 +1,25 @@
--- More jobs for one pipeline call (workers/batching.py): waiting jobs a worker chose to run
--- beside the one its message took, each taken out of its key's turn so that no message takes
--- it too. A job that another message took first (gone from its key's list) or that is no
--- longer queued is left alone. Their own messages later find them running: nothing to do.
+-- Jobs a worker started to run in one call with the one its message took (workers/batching.py)
+-- leave their keys' turns, so that no message stops at them; a key whose list this empties
+-- leaves the ring, as take.lua leaves it (create.lua and requeue.lua put it back). A job
+-- that another message took first is no longer in its list: nothing to do for it.
 --
--- ARGV  the ids of the jobs to take.
+-- ARGV  the ids of the jobs, already started.
 --
--- Returns the ids taken, in ARGV's order.
+-- Returns how many entries were removed.
 
-local taken = {}
+local removed = 0
 for _, id in ipairs(ARGV) do
   local jobkey = job_key(id)
   local lane, key_id = lane_of(jobkey), field(jobkey, 'key_id')
   local priority = redis.call('HGET', jobkey, 'priority')
-  if lane and key_id and priority
-      and redis.call('LREM', fair_list_key(lane, priority, key_id), 1, id) == 1
-      and redis.call('HGET', jobkey, 'status') == '"queued"' then
-    taken[#taken + 1] = id
+  if lane and key_id and priority then
+    local mine = fair_list_key(lane, priority, key_id)
+    if redis.call('LREM', mine, 1, id) == 1 then
+      removed = removed + 1
+      if redis.call('LLEN', mine) == 0 then
+        redis.call('LREM', fair_ring_key(lane, priority), 0, key_id)
+      end
+    end
   end
 end
-return taken
+return removed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from common.apikeys import KeyStore
@@ -22,7 +24,7 @@ from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
 from common.tiers import Tiers, load_tiers
-from tests.factories import queued_job
+from tests.factories import expire_lease, queued_job
 from workers.execute import WorkerContext, generation_for, take_and_execute
 from workers.finisher import Finisher
 from workers.pipeline import DiffusersRunner, Generation
@@ -202,6 +204,27 @@ def test_out_of_memory_in_a_shared_call_runs_each_job_alone(
         assert published[job.id] == [(1, 3), (2, 3), (3, 3)]
 
 
+def test_out_of_memory_at_the_shared_decode_reruns_each_job_with_progress_going_on(
+    ctx, store, keys, storage, lane, runner, monkeypatch, published
+) -> None:
+    jobs = [waiting(store, keys, lane, f"prompt {n}", n) for n in range(2)]
+    decode = runner.pipe.vae.decode
+
+    def full_gpu(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if latents.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return decode(latents, *args, **kwargs)
+
+    monkeypatch.setattr(runner.pipe.vae, "decode", full_gpu)
+    assert take_and_execute(ctx, jobs[0].id, f"{lane}-1") == (jobs[0].id, JobStatus.SUCCEEDED)
+    monkeypatch.setattr(runner.pipe.vae, "decode", decode)
+    for job in jobs:
+        assert store.get(job.id).status is JobStatus.SUCCEEDED
+        same_images(pixels(storage, store, job.id), alone(runner, job))
+        # Its three steps in the shared call, then three more alone: never backwards.
+        assert published[job.id] == [(1, 3), (2, 3), (3, 3), (4, 6), (5, 6), (6, 6)]
+
+
 def test_jobs_of_a_shared_call_are_finished_while_the_pipeline_runs_on(
     ctx, store, keys, storage, lane, runner
 ) -> None:
@@ -213,18 +236,50 @@ def test_jobs_of_a_shared_call_are_finished_while_the_pipeline_runs_on(
     for job in jobs:
         assert store.get(job.id).status is JobStatus.SUCCEEDED
         same_images(pixels(storage, store, job.id), alone(runner, job))
-        assert store.redis.zscore("sdq:running", job.id) is None  # its lease went with it
+    alive = {thread.name for thread in threading.enumerate()}
+    assert [job.id for job in jobs if f"lease-{job.id}" in alive] == []  # released when done
 
 
-def test_a_job_another_message_took_is_not_taken_again(store, keys, lane) -> None:
+def test_jobs_started_beside_another_leave_their_keys_turns(store, keys, lane) -> None:
     first = waiting(store, keys, lane, "one", 1)
     second = waiting(store, keys, lane, "two", 2)
     assert store.waiting(lane, 5, 10) == [first.id, second.id]
     assert store.take(first.id, f"{lane}-a") == first.id
-    assert store.take_more([first.id, second.id]) == [second.id]  # first left the turn
-    assert store.start(second.id, holder="elsewhere:1").applied
-    assert store.take(second.id, f"{lane}-b") is None  # its message has nothing to run
+    assert store.start(second.id, holder="elsewhere:1").applied  # started beside the first
+    assert store.take_more([first.id, second.id]) == 1  # the first left its turn with take
     assert store.waiting(lane, 5, 10) == []
+    assert store.redis.lrange(f"sdq:fair:{lane}:5", 0, -1) == []  # no key with nothing waiting
+    assert store.take(second.id, f"{lane}-b") is None  # its message has nothing to run
+
+
+def test_a_job_run_before_runs_alone(ctx, store, keys, lane, unet_calls) -> None:
+    """It may be the job that killed its last worker: it takes no other job down with it."""
+    again = waiting(store, keys, lane, "again", 1)
+    store.start(again.id, holder="gone:1")
+    expire_lease(store, again.id)
+    store.requeue(again.id)
+    fresh = waiting(store, keys, lane, "fresh", 2)
+    assert take_and_execute(ctx, again.id, f"{lane}-1") == (again.id, JobStatus.SUCCEEDED)
+    assert unet_calls == [2, 2, 2]
+    assert store.get(fresh.id).status is JobStatus.QUEUED
+
+
+class FullFinisher(Finisher):
+    """A finisher whose one slot stays taken until the task's time limit strikes."""
+
+    def submit(self, work: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+
+def test_a_task_stopped_while_handing_over_lets_the_leases_go(ctx, store, keys, lane) -> None:
+    jobs = [waiting(store, keys, lane, f"prompt {n}", n) for n in range(2)]
+    ctx.finisher = FullFinisher()
+    with pytest.raises(SoftTimeLimitExceeded):
+        take_and_execute(ctx, jobs[0].id, f"{lane}-1")
+    alive = {thread.name for thread in threading.enumerate()}
+    for job in jobs:
+        assert f"lease-{job.id}" not in alive  # not renewed: it runs out, and is requeued
+        assert store.get(job.id).status is JobStatus.RUNNING
 
 
 def tiny_generation(prompt: str, seeds: list[int]) -> Generation:

@@ -36,7 +36,8 @@ class Tier(BaseModel):
     compile_sizes: list[tuple[int, int]] = Field(
         default_factory=list,
         description="(width, height) pairs torch.compile warms (SDQ_TORCH_COMPILE), each with "
-        "1..max_images images; the model's native size when empty. Others run eager.",
+        "1..max(max_images, batch_images) images; the model's native size when empty. Others "
+        "run eager.",
     )
     scheduler: Scheduler = "euler"
     batch_images: int = Field(

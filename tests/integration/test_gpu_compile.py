@@ -186,6 +186,11 @@ def test_the_buckets_come_from_the_tiers_and_set_the_alive_timeout() -> None:
     assert len(plan.buckets) == 8
     native = plan_for([tiers.get("c")])
     assert native.buckets == [(None, 1)]  # the model's own size, one image
+    # Waiting jobs run together up to batch_images: those calls are warmed buckets too, and
+    # the time limit covers them.
+    batched = tiers.get("c").model_copy(update={"batch_images": 3})
+    assert plan_for([batched]).buckets == [(None, 1), (None, 2), (None, 3)]
+    assert batched.time_limit(10, 1) == 10 + 4 * 3 > tiers.get("c").time_limit(10, 1)
     # The parent waits for the load and every bucket's compile; never less than the setting.
     assert alive_timeout(plan, 300) > alive_timeout(native, 300) >= 300
     assert alive_timeout(native, 5000) == 5000

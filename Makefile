@@ -42,16 +42,21 @@ typecheck: install
 
 RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-# Two passes run beside the main one, their output shown after it; on two cores most of each
+# Two passes run beside the main one, their output shown after it; on two cores much of each
 # is waiting on servers. The RabbitMQ pass runs the suites whose path crosses the broker
-# again, over AMQP. The standalone pass runs the suites that start whole stacks of their own
-# (chaos, hostile tenants, the benches' smoke runs, `sdq up`) and use no session server.
+# again, over AMQP. The standalone pass runs the suites that need none of the session's
+# servers: those that start whole stacks of their own (chaos, hostile tenants, the benches'
+# smoke runs, `sdq up`) and those that run the tiny pipelines in the test process.
 RABBITMQ_SUITES := tests/e2e/test_broker.py tests/e2e/test_store_outage.py \
 	tests/e2e/test_async_api.py tests/e2e/test_poison.py
 STANDALONE_SUITES := tests/e2e/test_chaos.py tests/e2e/test_hostile.py tests/e2e/test_stack.py \
 	tests/e2e/test_stack_supervisor.py tests/integration/test_bench_script.py \
-	tests/integration/test_fleet_smoke.py
-PYTEST := $(BIN)/pytest -p no:cacheprovider
+	tests/integration/test_fleet_smoke.py tests/integration/test_gpu_bench_smoke.py \
+	tests/integration/test_tiny_model.py tests/integration/test_gpu_compile.py \
+	tests/integration/test_gpu_precision.py tests/integration/test_family_models.py
+# The passes share the cores: one torch thread per process (test or worker), or pipelines side
+# by side thrash each other many times slower (docs/benchmarks.md, CPU workers side by side).
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -p no:cacheprovider
 
 test: lint typecheck
 	@if $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null; then \

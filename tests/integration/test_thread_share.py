@@ -46,6 +46,7 @@ def test_the_worker_runs_torch_on_its_share(tiny_model: Path) -> None:
     import torch
 
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever this process was started with (make test: one)
     try:
         runner = SdxlRunner(str(tiny_model), threads=1)
         runner.load()

@@ -10,6 +10,10 @@ from common.job import Job, JobRequest, JobStatus, new_job_id, now
 from common.redis_keys import job_key
 from common.store import JobStore
 
+#: A lane no tier has: the session's reconcilers send its jobs no message and no worker takes
+#: them, so a test that runs a job itself is not raced by the session's worker.
+PARKED = "normal.parked"
+
 
 def queued_job(
     store: JobStore,

@@ -23,6 +23,7 @@ from common.job import Job, JobRequest, JobStatus, new_job_id, now
 from common.redis import connect
 from common.store import JobStore
 from producer.servers import free_port
+from tests.factories import PARKED
 from tests.support import spawn, stop, wait_until
 
 Key = Callable[..., str]
@@ -114,6 +115,7 @@ def stored_job(store: JobStore, key_id: str) -> Job:
         steps=2,
         cost=1,
         created_at=now(),
+        lane=PARKED,  # no reconciler sends it a message
     )
     store.create([job])
     return job

@@ -18,7 +18,7 @@ from common.storage import S3Storage
 from common.store import JobStore
 from common.styles import Styles
 from common.tiers import load_tiers
-from tests.factories import expire_lease, queued_job
+from tests.factories import PARKED, expire_lease, queued_job
 from workers.execute import WorkerContext, execute, generation_for, scheduler_for
 from workers.pipeline import DiffusersRunner, Generation
 
@@ -40,6 +40,7 @@ class BrokenRunner:
 
 
 def queued(store: JobStore, keys: KeyStore, credits: int = 10, **fields: object) -> Job:
+    fields.setdefault("lane", PARKED)
     return queued_job(
         store, keys, credits=credits, seed=1234, steps=3, prompt="a lighthouse at dusk", **fields
     )

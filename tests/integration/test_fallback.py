@@ -23,7 +23,7 @@ from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
 from common.tiers import Tiers
-from tests.factories import queued_job
+from tests.factories import PARKED, queued_job
 from tests.hotpot_standin import KEY, Failure, StandIn
 from workers.execute import WorkerContext, execute
 from workers.pipeline import CudaOutOfMemory, DiffusersRunner, Generation
@@ -88,7 +88,14 @@ def queued(
     store: JobStore, keys: KeyStore, *, allow_remote: bool = True, age: float = 0, **fields: object
 ) -> Job:
     return queued_job(
-        store, keys, seed=7, age=age, allow_remote=allow_remote, width=96, height=64, **fields
+        store,
+        keys,
+        seed=7,
+        age=age,
+        allow_remote=allow_remote,
+        width=96,
+        height=64,
+        **{"lane": PARKED, **fields},
     )
 
 

@@ -15,7 +15,7 @@ from common.job import ErrorCode, Job, JobStatus
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
-from tests.factories import queued_job
+from tests.factories import PARKED, queued_job
 from workers.execute import WorkerContext, execute
 from workers.finisher import Finisher
 
@@ -41,6 +41,7 @@ class HeldStorage:
 
 
 def queued(store: JobStore, keys: KeyStore, **fields: object) -> Job:
+    fields.setdefault("lane", PARKED)
     return queued_job(store, keys, credits=10, seed=77, steps=2, output_format="png", **fields)
 
 

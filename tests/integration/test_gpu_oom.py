@@ -21,7 +21,7 @@ from common.job import JobStatus
 from common.settings import Settings
 from common.storage import S3Storage
 from common.store import JobStore
-from tests.factories import queued_job
+from tests.factories import PARKED, queued_job
 from tests.hotpot_standin import StandIn
 from tests.integration.test_fallback import context, tiers_for
 from workers.execute import WorkerContext, execute
@@ -54,7 +54,15 @@ def pixels(storage: S3Storage, store: JobStore, job_id: str) -> list[np.ndarray]
 
 def two_image_job(store: JobStore, keys: KeyStore) -> str:
     return queued_job(
-        store, keys, seed=321, steps=3, num_images=2, width=64, height=64, output_format="png"
+        store,
+        keys,
+        seed=321,
+        steps=3,
+        num_images=2,
+        width=64,
+        height=64,
+        output_format="png",
+        lane=PARKED,
     ).id
 
 
@@ -137,7 +145,7 @@ def test_out_of_memory_in_the_tiled_retry_goes_remote_with_oom(
     monkeypatch.setattr(runner.pipe.unet, "forward", unet)
     monkeypatch.setattr(runner.pipe.vae, "decode", decode)
     tiers = tiers_for(standin.url, remote_fallback='["oom"]')
-    job = queued_job(store, keys, seed=7, num_images=2, width=96, height=64)
+    job = queued_job(store, keys, seed=7, num_images=2, width=96, height=64, lane=PARKED)
     assert execute(context(settings, store, storage, runner, tiers), job.id) is JobStatus.SUCCEEDED
     assert unet_calls == [4, 2, 2]  # the batch, then the first image alone (two steps)
     assert decodes == [True]
@@ -165,7 +173,7 @@ def test_out_of_memory_without_the_policy_fails_refunded(
 
     monkeypatch.setattr(runner.pipe.unet, "forward", unet)
     tiers = tiers_for(standin.url, remote_fallback='["load_failed"]')
-    job = queued_job(store, keys, credits=10, seed=7)
+    job = queued_job(store, keys, credits=10, seed=7, lane=PARKED)
     assert execute(context(settings, store, storage, runner, tiers), job.id) is JobStatus.FAILED
     failed = store.get(job.id)
     assert failed.error == CudaOutOfMemory.message and failed.refunded

@@ -301,7 +301,7 @@ def run(ctx: WorkerContext, job_id: str, metrics: Recorder | None) -> JobStatus:
 
     try:
         runner, reason = choose_runner(ctx, job, tier, waited)
-        members = together_with(ctx, job, tier, started, me) if reason is None else []
+        members = together_with(ctx, job, tier, started, me, waited) if reason is None else []
     except Exception as exc:
         return ended_by(ctx, job, tier, exc)
     if len(members) > 1:
@@ -351,7 +351,7 @@ def hand_over(ctx: WorkerContext, work: Callable[[], object], leases: list[ExitS
 
 
 def together_with(
-    ctx: WorkerContext, job: Job, tier: Tier, started: Transition, holder: str
+    ctx: WorkerContext, job: Job, tier: Tier, started: Transition, holder: str, waited: float
 ) -> list[Member]:
     """``job`` and the waiting jobs that run in one call with it, each started as ``holder``
     (``workers.batching``): none where its tier runs each job alone, for image-to-image, and
@@ -360,7 +360,7 @@ def together_with(
         return []
     assert started.clock is not None
     generation = generation_for(job, scheduler_for(ctx, job, tier))
-    first = Member(job, started.attempts, generation, started.clock - job.created_at)
+    first = Member(job, started.attempts, generation, waited)
     others = gather(
         ctx.store,
         first,
@@ -466,8 +466,9 @@ def run_together(
             except Exception as exc:
                 ended[member.job.id] = ended_by(ctx, member.job, tier, exc)
     finally:
+        kept = {id(stack) for _, stack in handed}
         for stack in stacks:
-            if all(stack is not kept for _, kept in handed):
+            if id(stack) not in kept:
                 stack.close()
     if ctx.finisher is not None and handed:
         finishing = list(handed)
